@@ -1,0 +1,626 @@
+"""The ``warden`` command: parses, calls the hub's services, prints. No logic of its own lives here."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+import typer.exceptions
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from warden.cli._output import audit_json, certificate_json, device_json, emit_json, group_json, table
+from warden.core import (
+    DEFAULT_LIMITS,
+    InvalidInputError,
+    Settings,
+    WardenError,
+    load_settings,
+    resolve_data_dir,
+    validate_tag,
+)
+from warden.core.files import read_limited, write_file_atomic
+from warden.hub import Hub, initialise
+from warden.pki import Profile
+from warden.registry import CertificateStatus, DeviceState, parse_reason
+
+__all__ = ["app", "main", "run"]
+
+app = typer.Typer(
+    name="warden",
+    help="Warden: zero-trust security control plane for IoT fleets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+ca_app = typer.Typer(help="The certificate authority.", no_args_is_help=True)
+group_app = typer.Typer(help="Device groups.", no_args_is_help=True)
+device_app = typer.Typer(help="Devices and their lifecycle.", no_args_is_help=True)
+cert_app = typer.Typer(help="Certificates: sign CSRs, renew, list, revoke.", no_args_is_help=True)
+ocsp_app = typer.Typer(help="OCSP (RFC 6960).", no_args_is_help=True)
+audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+for sub, name in (
+    (ca_app, "ca"),
+    (group_app, "group"),
+    (device_app, "device"),
+    (cert_app, "cert"),
+    (ocsp_app, "ocsp"),
+    (audit_app, "audit"),
+    (db_app, "db"),
+):
+    app.add_typer(sub, name=name)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+_SECRET_ENV = ("WARDEN_CA_PASSPHRASE", "WARDEN_PKCS11_PIN")
+
+
+class _State:
+    data_dir: Path = Path("warden-data")
+    settings: Settings | None = None
+    hub: Hub | None = None
+
+
+_state = _State()
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid-{os.getuid()}"
+
+
+def _settings() -> Settings:
+    if _state.settings is None:
+        _state.settings = load_settings(_state.data_dir)
+        # Secrets were read into the settings: child processes must not inherit them.
+        for name in _SECRET_ENV:
+            os.environ.pop(name, None)
+    return _state.settings
+
+
+def _hub() -> Hub:
+    if _state.hub is None:
+        _state.hub = Hub.open(_settings())
+    return _state.hub
+
+
+@app.callback()
+def _root(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Data directory (default: $WARDEN_DATA_DIR or ./warden-data)."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    _state.data_dir = resolve_data_dir(data_dir, os.environ)
+
+
+def _read_input(path: Path, limit: int, what: str) -> bytes:
+    if str(path) == "-":
+        data = sys.stdin.buffer.read(limit + 1)
+        if len(data) > limit:
+            raise InvalidInputError(f"{what} on standard input is larger than the limit of {limit} bytes")
+        return data
+    return read_limited(path, limit, what=what)
+
+
+def _parse_serial(text: str) -> int:
+    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    if not re.fullmatch(r"[0-9a-f]{1,42}", cleaned):
+        raise InvalidInputError(
+            f"invalid serial {text[:60]!r}", hint="give the serial in hex, as 'warden cert list' shows"
+        )
+    return int(cleaned, 16)
+
+
+def _parse_tags(tags: list[str] | None) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for text in tags or []:
+        key, value = validate_tag(text)
+        if key in result:
+            raise InvalidInputError(f"tag {key!r} is given twice")
+        result[key] = value
+    return result
+
+
+# -- init and CA ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def init(
+    org: Annotated[str, typer.Option("--org", help="Organisation name, put into the CA certificates.")],
+    fleet_domain: Annotated[
+        str, typer.Option("--fleet-domain", help="DNS domain of the fleet, e.g. fleet.example.com.")
+    ],
+    key_store: Annotated[
+        str, typer.Option("--key-store", help="'file' (encrypted PKCS#8) or an RFC 7512 'pkcs11:' URI.")
+    ] = "file",
+    key_algorithm: Annotated[str, typer.Option("--key-algorithm", help="P-256 or P-384.")] = "P-256",
+) -> None:
+    """Create the data directory: settings, database, root and issuing CA, audit log."""
+    result = initialise(
+        _state.data_dir,
+        org=org,
+        fleet_domain=fleet_domain,
+        key_store=key_store,
+        key_algorithm=key_algorithm,
+        actor=_actor(),
+    )
+    for name in _SECRET_ENV:
+        os.environ.pop(name, None)
+    typer.echo(f"initialised {_state.data_dir}")
+    typer.echo(f"root CA:    {result.root.subject.rfc4514_string()} (serial {result.root.serial_number:X})")
+    typer.echo(f"issuing CA: {result.issuing.subject.rfc4514_string()} (serial {result.issuing.serial_number:X})")
+    if result.passphrase_file is not None:
+        typer.echo(
+            f"warning: the CA passphrase was generated into {result.passphrase_file} (mode 0600). That is for a "
+            "single-box setup only: for production keep it elsewhere and pass it as WARDEN_CA_PASSPHRASE, or use a "
+            "PKCS#11 token.",
+            err=True,
+        )
+
+
+@ca_app.command("show")
+def ca_show(as_json: JsonOpt = False) -> None:
+    """Show the root and issuing CA."""
+    info = _hub().ca_info()
+
+    def describe(cert: x509.Certificate) -> dict[str, object]:
+        key = cert.public_key()
+        return {
+            "subject": cert.subject.rfc4514_string(),
+            "serial": f"{cert.serial_number:X}",
+            "not_before": cert.not_valid_before_utc.isoformat(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "key": key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__,
+        }
+
+    data = {
+        "root": describe(info.root) | {"key_on_hub": info.root_key_present},
+        "issuing": describe(info.issuing),
+        "key_store": info.key_store,
+        "fleet_domain": _settings().fleet_domain,
+        "org": _settings().org,
+    }
+    if as_json:
+        emit_json(data)
+        return
+    for role in ("root", "issuing"):
+        entry = data[role]
+        assert isinstance(entry, dict)
+        typer.echo(f"{role} CA: {entry['subject']}")
+        typer.echo(f"  serial {entry['serial']}, {entry['key']}, valid {entry['not_before']} .. {entry['not_after']}")
+    typer.echo(f"root key on this hub: {'yes' if info.root_key_present else 'no (exported for offline storage)'}")
+    typer.echo(f"key store: {info.key_store}; fleet domain: {data['fleet_domain']}")
+
+
+@ca_app.command("export-chain")
+def ca_export_chain(
+    out: Annotated[Path, typer.Option("--out", help="File to write the PEM chain to.")],
+) -> None:
+    """Write the CA chain (issuing CA, then root) as PEM."""
+    write_file_atomic(out, _hub().chain_pem())
+    typer.echo(f"wrote the CA chain to {out}")
+
+
+@ca_app.command("export-root")
+def ca_export_root(
+    out: Annotated[Path, typer.Option("--out", help="File for the root certificate and key.")],
+) -> None:
+    """Export the root CA (certificate and encrypted key) for offline storage and remove its key from the hub."""
+    _hub().export_root(out, actor=_actor())
+    typer.echo(f"exported the root CA to {out} (key encrypted with the CA passphrase); removed its key from the hub")
+    typer.echo("store that file offline; the hub keeps issuing with the issuing CA")
+
+
+# -- groups -----------------------------------------------------------------------------------------------------
+
+
+@group_app.command("add")
+def group_add(
+    name: str,
+    description: Annotated[str, typer.Option("--description", help="Free text.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a device group."""
+    group = _hub().devices.add_group(name, actor=_actor(), description=description)
+    if as_json:
+        emit_json(group_json(group, 0))
+    else:
+        typer.echo(f"added group {group.name}")
+
+
+@group_app.command("list")
+def group_list(as_json: JsonOpt = False) -> None:
+    """List device groups."""
+    groups = _hub().devices.list_groups()
+    if as_json:
+        emit_json([group_json(g, n) for g, n in groups])
+    else:
+        table(["name", "devices", "description"], [(g.name, n, g.description) for g, n in groups])
+
+
+@group_app.command("show")
+def group_show(name: str, as_json: JsonOpt = False) -> None:
+    """Show one device group."""
+    group, members = _hub().devices.get_group(name)
+    if as_json:
+        emit_json(group_json(group, members))
+    else:
+        typer.echo(f"group {group.name}: {members} device(s)")
+        typer.echo(f"  description: {group.description}")
+        typer.echo(f"  created: {group.created_at.isoformat()}")
+        typer.echo(f"  settings: {dict(group.settings)}")
+
+
+# -- devices ----------------------------------------------------------------------------------------------------
+
+
+@device_app.command("add")
+def device_add(
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    name: Annotated[str, typer.Option("--name", help="Display name.")] = "",
+    group: Annotated[list[str] | None, typer.Option("--group", help="Device group (repeatable).")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="key=value (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a device (state: pending)."""
+    device = _hub().devices.add_device(
+        device_id, actor=_actor(), display_name=name, groups=group or [], tags=_parse_tags(tag)
+    )
+    if as_json:
+        emit_json(device_json(device))
+    else:
+        typer.echo(f"added device {device.id} ({device.state})")
+
+
+@device_app.command("list")
+def device_list(
+    state: Annotated[str | None, typer.Option("--state", help="Only devices in this state.")] = None,
+    group: Annotated[str | None, typer.Option("--group", help="Only members of this group.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Only devices with key=value (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List devices."""
+    try:
+        wanted = DeviceState(state) if state else None
+    except ValueError:
+        choices = ", ".join(s.value for s in DeviceState)
+        raise InvalidInputError(f"unknown state {state!r}", hint=f"use one of: {choices}") from None
+    devices = _hub().devices.list_devices(state=wanted, group=group, tags=_parse_tags(tag))
+    if as_json:
+        emit_json([device_json(d) for d in devices])
+    else:
+        table(
+            ["id", "state", "groups", "tags", "name"],
+            [
+                (
+                    d.id,
+                    d.state,
+                    ",".join(d.groups),
+                    ",".join(f"{k}={v}" for k, v in d.tags.items()),
+                    d.display_name,
+                )
+                for d in devices
+            ],
+        )
+
+
+@device_app.command("show")
+def device_show(device_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonOpt = False) -> None:
+    """Show one device and its certificates."""
+    hub = _hub()
+    device = hub.devices.get_device(device_id)
+    certs = hub.certificates.find(device_id=device_id)
+    if as_json:
+        emit_json(device_json(device) | {"certificates": [certificate_json(c) for c in certs]})
+        return
+    typer.echo(f"device {device.id} ({device.display_name}): {device.state}")
+    typer.echo(f"  groups: {', '.join(device.groups) or '-'}")
+    typer.echo(f"  tags: {', '.join(f'{k}={v}' for k, v in device.tags.items()) or '-'}")
+    typer.echo(f"  onboarding identity: {device.onboarding_fingerprint or '-'}")
+    typer.echo(f"  created {device.created_at.isoformat()}, updated {device.updated_at.isoformat()}")
+    for c in certs:
+        typer.echo(f"  certificate {c.serial_hex} {c.profile} {c.status} until {c.not_after.isoformat()}")
+
+
+def _transition(device_id: str, target: DeviceState, reason: str) -> None:
+    device = _hub().devices.change_state(device_id, target, actor=_actor(), reason=reason)
+    typer.echo(f"device {device.id} is now {device.state}")
+
+
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log).")]
+
+
+@device_app.command("disable")
+def device_disable(device_id: Annotated[str, typer.Argument(metavar="ID")], reason: ReasonOpt = "") -> None:
+    """active -> disabled."""
+    _transition(device_id, DeviceState.DISABLED, reason)
+
+
+@device_app.command("enable")
+def device_enable(device_id: Annotated[str, typer.Argument(metavar="ID")], reason: ReasonOpt = "") -> None:
+    """disabled or quarantined -> active."""
+    _transition(device_id, DeviceState.ACTIVE, reason)
+
+
+@device_app.command("quarantine")
+def device_quarantine(device_id: Annotated[str, typer.Argument(metavar="ID")], reason: ReasonOpt = "") -> None:
+    """active -> quarantined."""
+    _transition(device_id, DeviceState.QUARANTINED, reason)
+
+
+@device_app.command("decommission")
+def device_decommission(device_id: Annotated[str, typer.Argument(metavar="ID")], reason: ReasonOpt = "") -> None:
+    """Any state -> decommissioned (final); revokes every certificate of the device."""
+    _transition(device_id, DeviceState.DECOMMISSIONED, reason)
+
+
+@device_app.command("rebind")
+def device_rebind(
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    fingerprint: Annotated[str, typer.Option("--fingerprint", help="SHA-256 of the new onboarding identity.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (required; audited).")],
+) -> None:
+    """Bind a device to a new onboarding identity (after a repair)."""
+    device = _hub().devices.rebind_onboarding(device_id, fingerprint.lower(), actor=_actor(), reason=reason)
+    typer.echo(f"device {device.id} is now bound to onboarding identity {device.onboarding_fingerprint}")
+
+
+# -- certificates -----------------------------------------------------------------------------------------------
+
+CsrOpt = Annotated[Path, typer.Option("--csr", help="PKCS#10 request, PEM or DER ('-' for stdin).")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Where to write the PEM certificate.")]
+
+
+@cert_app.command("sign")
+def cert_sign(
+    csr: CsrOpt,
+    out: OutOpt,
+    device: Annotated[str | None, typer.Option("--device", help="Device id.")] = None,
+    name: Annotated[
+        list[str] | None,
+        typer.Option("--name", help="DNS name for service/hub-client profiles (repeatable)."),
+    ] = None,
+    profile: Annotated[str, typer.Option("--profile", help="device, gateway, service or hub-client.")] = "device",
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue a certificate from a CSR (the hub never sees the device's private key)."""
+    try:
+        chosen = Profile(profile)
+    except ValueError:
+        raise InvalidInputError(
+            f"unknown profile {profile!r}", hint="use device, gateway, service or hub-client"
+        ) from None
+    data = _read_input(csr, DEFAULT_LIMITS.max_csr_bytes, "the CSR")
+    if (device is None) == (not name):
+        raise InvalidInputError("give either --device ID or --name DNS-NAME")
+    if device is not None:
+        issued = _hub().certificates.sign(device_id=device, csr=data, actor=_actor(), profile=chosen)
+    else:
+        issued = _hub().certificates.issue_service(names=tuple(name or ()), csr=data, actor=_actor(), profile=chosen)
+    write_file_atomic(out, issued.pem)
+    if as_json:
+        emit_json(certificate_json(issued.record))
+    else:
+        typer.echo(f"issued certificate {issued.record.serial_hex} for {issued.record.common_name} to {out}")
+
+
+@cert_app.command("renew")
+def cert_renew(
+    device: Annotated[str, typer.Option("--device", help="Device id.")],
+    csr: CsrOpt,
+    out: OutOpt,
+    revoke_superseded: Annotated[
+        bool,
+        typer.Option("--revoke-superseded", help="Revoke the device's earlier certificates (superseded)."),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue a renewed certificate for an active device from a new CSR."""
+    data = _read_input(csr, DEFAULT_LIMITS.max_csr_bytes, "the CSR")
+    issued = _hub().certificates.renew(device_id=device, csr=data, actor=_actor(), revoke_superseded=revoke_superseded)
+    write_file_atomic(out, issued.pem)
+    if as_json:
+        emit_json(certificate_json(issued.record))
+    else:
+        typer.echo(f"renewed: certificate {issued.record.serial_hex} for {device} written to {out}")
+
+
+@cert_app.command("list")
+def cert_list(
+    device: Annotated[str | None, typer.Option("--device", help="Only this device's certificates.")] = None,
+    status: Annotated[str | None, typer.Option("--status", help="good or revoked.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List issued certificates."""
+    try:
+        wanted = CertificateStatus(status) if status else None
+    except ValueError:
+        raise InvalidInputError(f"unknown status {status!r}", hint="use good or revoked") from None
+    records = _hub().certificates.find(device_id=device, status=wanted)
+    if as_json:
+        emit_json([certificate_json(r) for r in records])
+    else:
+        table(
+            ["serial", "subject", "profile", "status", "not_after", "reason"],
+            [
+                (
+                    r.serial_hex,
+                    r.common_name,
+                    r.profile,
+                    r.status,
+                    r.not_after.isoformat(),
+                    r.revocation_reason,
+                )
+                for r in records
+            ],
+        )
+
+
+@cert_app.command("show")
+def cert_show(serial: str, as_json: JsonOpt = False) -> None:
+    """Show one certificate (with its PEM)."""
+    record = _hub().certificates.get(_parse_serial(serial))
+    if as_json:
+        emit_json(certificate_json(record, with_pem=True))
+        return
+    for key, value in certificate_json(record).items():
+        typer.echo(f"{key}: {value}")
+    typer.echo(record.pem.rstrip())
+
+
+@cert_app.command("revoke")
+def cert_revoke(
+    serial: str,
+    reason: Annotated[str, typer.Option("--reason", help="RFC 5280 reason, e.g. keyCompromise, superseded.")],
+) -> None:
+    """Revoke a certificate; publish a new CRL afterwards with 'warden crl'."""
+    parsed = parse_reason(reason)
+    record = _hub().certificates.revoke(_parse_serial(serial), reason=parsed, actor=_actor())
+    typer.echo(f"revoked certificate {record.serial_hex} ({parsed})")
+
+
+@app.command("crl")
+def crl(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the CRL.")],
+    der: Annotated[bool, typer.Option("--der", help="DER instead of PEM.")] = False,
+) -> None:
+    """Issue a new CRL, signed by the issuing CA."""
+    issued = _hub().certificates.issue_crl(actor=_actor())
+    encoding = serialization.Encoding.DER if der else serialization.Encoding.PEM
+    write_file_atomic(out, issued.public_bytes(encoding))
+    number = issued.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    typer.echo(f"wrote CRL number {number} with {len(issued)} entries to {out}")
+
+
+@ocsp_app.command("respond")
+def ocsp_respond(
+    request: Annotated[Path, typer.Option("--request", help="DER OCSP request ('-' for stdin).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the DER OCSP response.")],
+) -> None:
+    """Answer one OCSP request with a response signed by the delegated OCSP signer."""
+    data = _read_input(request, DEFAULT_LIMITS.max_ocsp_request_bytes, "the OCSP request")
+    response = _hub().certificates.ocsp_respond(data, actor=_actor())
+    write_file_atomic(out, response)
+    typer.echo(f"wrote the OCSP response to {out}")
+
+
+# -- audit ------------------------------------------------------------------------------------------------------
+
+
+def _parse_since(text: str) -> dt.datetime:
+    match = re.fullmatch(r"(\d{1,6})([smhd])", text.strip())
+    if match:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+        return dt.datetime.now(dt.UTC) - dt.timedelta(**{unit: int(match.group(1))})
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInputError(
+            f"invalid --since {text[:40]!r}", hint="use an ISO 8601 time or a duration such as 30m, 2h, 7d"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+@audit_app.command("verify")
+def audit_verify(as_json: JsonOpt = False) -> None:
+    """Verify the whole audit chain and its signed checkpoints."""
+    hub = _hub()
+    with hub.db.transaction(readonly=True) as uow:
+        report = hub.audit.verify(uow)
+    if as_json:
+        emit_json(
+            {
+                "ok": True,
+                "records": report.records,
+                "checkpoints": report.checkpoints,
+                "last_checkpoint_seq": report.last_checkpoint_seq,
+            }
+        )
+    else:
+        typer.echo(
+            f"audit log OK: {report.records} records, {report.checkpoints} signed checkpoint(s), "
+            f"last at record {report.last_checkpoint_seq}"
+        )
+
+
+@audit_app.command("list")
+def audit_list(
+    since: Annotated[str | None, typer.Option("--since", help="ISO time or duration (30m, 2h, 7d).")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=DEFAULT_LIMITS.max_audit_list)] = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """List audit records, oldest first."""
+    hub = _hub()
+    since_time = _parse_since(since) if since else None
+    with hub.db.transaction(readonly=True) as uow:
+        records = list(uow.audit.records(since_time=since_time, limit=limit))
+    if as_json:
+        emit_json([audit_json(r) for r in records])
+    else:
+        table(
+            ["seq", "time", "actor", "action", "target", "outcome"],
+            [(r.seq, r.time.isoformat(timespec="seconds"), r.actor, r.action, r.target, r.outcome) for r in records],
+        )
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint() -> None:
+    """Sign the current head of the audit chain."""
+    hub = _hub()
+    with hub.db.transaction() as uow:
+        checkpoint = hub.audit.checkpoint(uow)
+    typer.echo(f"signed checkpoint at record {checkpoint.seq} ({checkpoint.hash[:16]}...)")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database schema to this version of Warden."""
+    from warden.hub import migrate_database
+
+    revision = migrate_database(_settings())
+    typer.echo(f"database at revision {revision}")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` and return its exit status; every :class:`WardenError` becomes one line on stderr."""
+    global _state
+    _state = _State()
+    try:
+        app(args=argv, standalone_mode=False)
+    except WardenError as e:
+        typer.echo(f"error: {e.diagnostics()}", err=True)
+        return e.exit_code
+    except typer.Exit as e:
+        return int(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        return 130
+    except typer.exceptions.TyperException as e:
+        # Usage errors: typer prints the usage and the problem, as in standalone mode.
+        show = getattr(e, "show", None)
+        if callable(show):
+            show()
+        return int(getattr(e, "exit_code", 2))
+    finally:
+        if _state.hub is not None:
+            _state.hub.close()
+    return 0
+
+
+def main() -> NoReturn:
+    sys.exit(run())

@@ -1,0 +1,67 @@
+"""Warden's kernel: errors, time and randomness, identifiers, limits and settings. Imports nothing of ours."""
+
+from warden.core.clock import Clock, FixedClock, Random, SystemClock, SystemRandom, utc
+from warden.core.errors import (
+    AlreadyExistsError,
+    AuditIntegrityError,
+    ConfigurationError,
+    CSRRejectedError,
+    IllegalTransitionError,
+    InvalidInputError,
+    IssuanceRefusedError,
+    KeyStoreError,
+    KeyStoreLockedError,
+    NotFoundError,
+    NotInitialisedError,
+    OCSPRequestError,
+    PKIError,
+    StorageError,
+    WardenError,
+)
+from warden.core.ids import (
+    RESERVED_DEVICE_IDS,
+    validate_device_id,
+    validate_dns_name,
+    validate_fleet_domain,
+    validate_group_name,
+    validate_tag,
+)
+from warden.core.limits import DEFAULT_LIMITS, Limits
+from warden.core.settings import SETTINGS_FILE, Settings, load_settings, resolve_data_dir, write_settings_file
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "RESERVED_DEVICE_IDS",
+    "SETTINGS_FILE",
+    "AlreadyExistsError",
+    "AuditIntegrityError",
+    "CSRRejectedError",
+    "Clock",
+    "ConfigurationError",
+    "FixedClock",
+    "IllegalTransitionError",
+    "InvalidInputError",
+    "IssuanceRefusedError",
+    "KeyStoreError",
+    "KeyStoreLockedError",
+    "Limits",
+    "NotFoundError",
+    "NotInitialisedError",
+    "OCSPRequestError",
+    "PKIError",
+    "Random",
+    "Settings",
+    "StorageError",
+    "SystemClock",
+    "SystemRandom",
+    "WardenError",
+    "load_settings",
+    "resolve_data_dir",
+    "utc",
+    "validate_device_id",
+    "validate_dns_name",
+    "validate_fleet_domain",
+    "validate_group_name",
+    "validate_tag",
+    "write_settings_file",
+]

@@ -1,0 +1,35 @@
+"""Size limits for every input Warden parses, in one place (python-tuf keeps them in one config dataclass too)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_LIMITS", "Limits"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    #: a PKCS#10 request, PEM or DER
+    max_csr_bytes: int = 16 * 1024
+    #: an OCSP request (RFC 6960 requests for one certificate are about 100 bytes)
+    max_ocsp_request_bytes: int = 8 * 1024
+    #: a settings file
+    max_settings_bytes: int = 64 * 1024
+    #: free text on a state change or revocation
+    max_reason_chars: int = 512
+    #: a device display name
+    max_display_name_chars: int = 128
+    #: tags on one device
+    max_tags_per_device: int = 64
+    #: groups one device belongs to
+    max_groups_per_device: int = 32
+    #: a certificate or key file read from disk (PEM)
+    max_pem_file_bytes: int = 256 * 1024
+    #: how many audit records one `audit list` returns at most
+    max_audit_list: int = 100_000
+    #: the RSA modulus sizes Warden accepts in a CSR
+    min_rsa_bits: int = 2048
+    max_rsa_bits: int = 8192
+
+
+DEFAULT_LIMITS = Limits()

@@ -1,0 +1,163 @@
+"""Settings: one pydantic-settings object, built once by the shell and injected everywhere.
+
+Precedence, highest first: ``WARDEN_*`` environment variables, then the settings file ``<data-dir>/warden.toml``
+(written by ``warden init``), then defaults. The data directory itself comes from ``--data-dir``, else
+``WARDEN_DATA_DIR``, else ``./warden-data``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from warden.core.errors import ConfigurationError
+from warden.core.ids import validate_fleet_domain
+from warden.core.limits import DEFAULT_LIMITS
+
+__all__ = ["SETTINGS_FILE", "Settings", "load_settings", "resolve_data_dir", "write_settings_file"]
+
+SETTINGS_FILE = "warden.toml"
+DEFAULT_DATA_DIR = "warden-data"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WARDEN_", extra="forbid", frozen=True)
+
+    data_dir: Path
+    #: SQLAlchemy URL; empty means the embedded SQLite file ``<data-dir>/warden.db``
+    database_url: str = ""
+    org: str = ""
+    fleet_domain: str = ""
+    #: ``file`` or an RFC 7512 ``pkcs11:`` URI
+    key_store: str = "file"
+    key_algorithm: Literal["P-256", "P-384"] = "P-256"
+    #: the passphrase protecting the CA and audit keys on disk (never logged, never passed to children)
+    ca_passphrase: SecretStr | None = None
+    ca_passphrase_file: Path | None = None
+    pkcs11_pin: SecretStr | None = None
+
+    root_validity_days: int = Field(default=7300, ge=365, le=36500)
+    issuing_validity_days: int = Field(default=1825, ge=30, le=36500)
+    device_validity_days: int = Field(default=30, ge=1, le=825)
+    gateway_validity_days: int = Field(default=30, ge=1, le=825)
+    service_validity_days: int = Field(default=90, ge=1, le=398)
+    hub_client_validity_days: int = Field(default=30, ge=1, le=398)
+    ocsp_signer_validity_days: int = Field(default=30, ge=1, le=365)
+    crl_validity_hours: int = Field(default=168, ge=1, le=24 * 90)
+    ocsp_validity_minutes: int = Field(default=60, ge=1, le=7 * 24 * 60)
+    #: renewal with the same key as the current certificate (re-key is the default)
+    allow_same_key_renewal: bool = False
+    #: base URL under which the hub publishes ``/pki/crl`` and ``/pki/ocsp``; empty: no CDP/AIA in certificates
+    public_url: str = ""
+    audit_checkpoint_every: int = Field(default=1000, ge=1, le=1_000_000)
+
+    @field_validator("fleet_domain")
+    @classmethod
+    def _fleet_domain(cls, value: str) -> str:
+        return validate_fleet_domain(value) if value else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if value and not value.startswith(("https://", "http://")):
+            raise ValueError("public_url must start with https:// or http://")
+        return value.rstrip("/")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: the settings file's values arrive as init arguments and rank below it.
+        return (_EnvWithoutDataDir(settings_cls), init_settings)
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'warden.db'}"
+
+    @property
+    def settings_path(self) -> Path:
+        return self.data_dir / SETTINGS_FILE
+
+    @property
+    def initialised(self) -> bool:
+        return bool(self.org and self.fleet_domain)
+
+
+class _EnvWithoutDataDir(EnvSettingsSource):
+    """The data directory is resolved before the settings (it locates the settings file), never from here."""
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        values.pop("data_dir", None)
+        return values
+
+
+def resolve_data_dir(cli_value: Path | None, environ: Mapping[str, str]) -> Path:
+    if cli_value is not None:
+        return cli_value.expanduser().absolute()
+    env = environ.get("WARDEN_DATA_DIR")
+    return Path(env or DEFAULT_DATA_DIR).expanduser().absolute()
+
+
+def _read_settings_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(DEFAULT_LIMITS.max_settings_bytes + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigurationError(f"cannot read settings file {path}: {e.strerror}") from e
+    if len(raw) > DEFAULT_LIMITS.max_settings_bytes:
+        raise ConfigurationError(f"settings file {path} is larger than {DEFAULT_LIMITS.max_settings_bytes} bytes")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigurationError(f"settings file {path} is not valid TOML: {e}") from e
+
+
+def load_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Build the settings for ``data_dir`` from its settings file, the environment and ``overrides``."""
+    values = _read_settings_file(data_dir / SETTINGS_FILE)
+    values.pop("data_dir", None)
+    values.update(overrides)
+    try:
+        return Settings(data_dir=data_dir, **values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigurationError(
+            f"invalid setting {where}: {first['msg']}",
+            hint=f"check WARDEN_{where.upper()} and {data_dir / SETTINGS_FILE}",
+        ) from None
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_settings_file(path: Path, values: Mapping[str, object]) -> None:
+    """Write a flat TOML settings file atomically (tmp + fsync + rename)."""
+    lines = ["# Warden settings. WARDEN_* environment variables override these.\n"]
+    lines += [f"{key} = {_toml_value(value)}\n" for key, value in values.items()]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)

@@ -1,0 +1,461 @@
+"""The composition root: builds every service from the settings. Only the shells (CLI, later the API) import it.
+
+It also owns the one multi-context workflow that has no other home yet: initialising a data directory (settings
+file, database, CA hierarchy, audit checkpoint key, OCSP signer). Initialisation either completes or leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import secrets
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from warden.core import (
+    DEFAULT_LIMITS,
+    AlreadyExistsError,
+    Clock,
+    ConfigurationError,
+    InvalidInputError,
+    KeyStoreError,
+    NotInitialisedError,
+    Random,
+    Settings,
+    SystemClock,
+    SystemRandom,
+    load_settings,
+    validate_fleet_domain,
+    write_settings_file,
+)
+from warden.core.files import read_limited, write_private_file
+from warden.monitor import AuditEvent, AuditLog, CheckpointKey, CheckpointMirror
+from warden.pki import (
+    ISSUING_KEY,
+    OCSP_SIGNER_KEY,
+    ROOT_KEY,
+    CAFiles,
+    CertificateAuthority,
+    FileKeyStore,
+    KeyAlgorithm,
+    KeyStore,
+    Profile,
+    create_hierarchy,
+    load_encrypted_key,
+)
+from warden.registry import CertificateService, DeviceService, IssuancePolicy, RegistryUnitOfWork
+from warden.store import Database, GroupCommitter
+
+__all__ = ["Hub", "HubCA", "initialise"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PASSPHRASE_FILE = "keys/ca-passphrase"  # noqa: S105 - a file name, not a secret
+
+
+def _passphrase_path(settings: Settings) -> Path:
+    return settings.ca_passphrase_file or settings.data_dir / PASSPHRASE_FILE
+
+
+def read_passphrase(settings: Settings) -> bytes | None:
+    """The hub passphrase: ``WARDEN_CA_PASSPHRASE``, else the passphrase file (which must be mode 0600)."""
+    if settings.ca_passphrase is not None:
+        value = settings.ca_passphrase.get_secret_value().encode("utf-8")
+        if not value:
+            raise ConfigurationError("WARDEN_CA_PASSPHRASE is empty")
+        return value
+    path = _passphrase_path(settings)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigurationError(f"the passphrase file {path} is readable by others", hint=f"run 'chmod 600 {path}'")
+    value = read_limited(path, 1024, what="the passphrase file").rstrip(b"\r\n")
+    if not value:
+        raise ConfigurationError(f"the passphrase file {path} is empty")
+    return value
+
+
+def open_key_store(settings: Settings, passphrase: Callable[[], bytes | None]) -> KeyStore:
+    if settings.key_store == "file":
+        secret = passphrase()
+        if secret is None:
+            raise KeyStoreError(
+                "no CA passphrase", hint=f"set WARDEN_CA_PASSPHRASE or create {_passphrase_path(settings)}"
+            )
+        return FileKeyStore(settings.data_dir / "keys", secret)
+    if settings.key_store.startswith("pkcs11:"):
+        from warden.pki import Pkcs11KeyStore, parse_pkcs11_uri
+
+        pin = settings.pkcs11_pin.get_secret_value() if settings.pkcs11_pin is not None else None
+        return Pkcs11KeyStore(parse_pkcs11_uri(settings.key_store), pin=pin)
+    raise ConfigurationError(
+        f"unknown key store {settings.key_store[:40]!r}", hint="use 'file' or a 'pkcs11:' URI (RFC 7512)"
+    )
+
+
+class HubCA:
+    """The CA as the hub holds it: certificates in ``<data-dir>/ca``, keys in the configured key store."""
+
+    def __init__(self, settings: Settings, key_store: Callable[[], KeyStore]) -> None:
+        self._settings = settings
+        self._key_store = key_store
+        self.files = CAFiles(settings.data_dir / "ca")
+        self._authority: CertificateAuthority | None = None
+        self._ocsp_key: ec.EllipticCurvePrivateKey | None = None
+
+    def authority(self) -> CertificateAuthority:
+        if self._authority is None:
+            certificate = self.files.read(ISSUING_KEY)
+            key = self._key_store().load(ISSUING_KEY)
+            if key.public_key().public_numbers() != certificate.public_key().public_numbers():  # type: ignore[union-attr]
+                raise KeyStoreError("the issuing CA key in the key store does not match the issuing CA certificate")
+            base = self._settings.public_url
+            self._authority = CertificateAuthority(
+                certificate=certificate,
+                key=key,
+                org=self._settings.org,
+                crl_url=f"{base}/pki/crl" if base else "",
+                ocsp_url=f"{base}/pki/ocsp" if base else "",
+            )
+        return self._authority
+
+    def ocsp_signer(self) -> tuple[x509.Certificate | None, ec.EllipticCurvePrivateKey]:
+        store = self._key_store()
+        if self._ocsp_key is None:
+            if store.exists(OCSP_SIGNER_KEY):
+                self._ocsp_key = store.load(OCSP_SIGNER_KEY)
+            else:
+                self._ocsp_key = store.generate(OCSP_SIGNER_KEY, KeyAlgorithm(self._settings.key_algorithm))
+        certificate = self.files.read(OCSP_SIGNER_KEY) if self.files.path(OCSP_SIGNER_KEY).exists() else None
+        if certificate is not None and certificate.public_key() != self._ocsp_key.public_key():
+            certificate = None  # a signer certificate for another key is useless: issue a new one
+        return certificate, self._ocsp_key
+
+    def store_ocsp_signer(self, certificate: x509.Certificate) -> None:
+        self.files.write(OCSP_SIGNER_KEY, certificate)
+
+    def root_key_present(self) -> bool:
+        return self._key_store().exists(ROOT_KEY)
+
+
+@dataclass(frozen=True, slots=True)
+class CAInfo:
+    root: x509.Certificate
+    issuing: x509.Certificate
+    root_key_present: bool
+    key_store: str
+
+
+class Hub:
+    """Every service of one hub, built from one settings object."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        random: Random | None = None,
+        group_commit: bool = False,
+    ) -> None:
+        if not settings.initialised:
+            raise NotInitialisedError(
+                f"{settings.data_dir} is not an initialised Warden data directory",
+                hint="run 'warden init --org NAME --fleet-domain DOMAIN', or pass --data-dir",
+            )
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.random: Random = random or SystemRandom()
+        self.db = Database(settings.effective_database_url)
+        self._passphrase_cache: bytes | None = None
+        self._store: KeyStore | None = None
+        self.ca = HubCA(settings, self.key_store)
+        self.checkpoint_key = CheckpointKey(
+            settings.data_dir / "keys" / "audit-checkpoint.key.pem",
+            settings.data_dir / "audit" / "checkpoint-public.pem",
+            self.passphrase,
+        )
+        self.audit = AuditLog(
+            clock=self.clock,
+            key=self.checkpoint_key,
+            mirror=CheckpointMirror(settings.data_dir / "audit" / "checkpoints.jsonl"),
+            every=settings.audit_checkpoint_every,
+        )
+        self._committer = GroupCommitter(self.db) if group_commit else None
+        self.devices = DeviceService(transactions=self.db.transaction, audit=self.audit, clock=self.clock)
+        self.certificates = CertificateService(
+            transactions=self.db.transaction,
+            writer=self._write,
+            audit=self.audit,
+            ca=self.ca,
+            policy=IssuancePolicy(
+                fleet_domain=settings.fleet_domain,
+                validity={p: dt.timedelta(days=getattr(settings, _VALIDITY[p])) for p in Profile},
+                allow_same_key_renewal=settings.allow_same_key_renewal,
+                crl_validity=dt.timedelta(hours=settings.crl_validity_hours),
+                ocsp_validity=dt.timedelta(minutes=settings.ocsp_validity_minutes),
+            ),
+            clock=self.clock,
+            random=self.random,
+        )
+
+    @classmethod
+    def open(cls, settings: Settings, **kwargs: object) -> Hub:
+        hub = cls(settings, **kwargs)  # type: ignore[arg-type]
+        try:
+            hub.db.ensure_current()
+        except BaseException:
+            hub.close()
+            raise
+        return hub
+
+    def close(self) -> None:
+        if self._committer is not None:
+            self._committer.close()
+        self.db.dispose()
+
+    def __enter__(self) -> Hub:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, fn: Callable[[RegistryUnitOfWork], T]) -> T:
+        if self._committer is not None:
+            return self._committer.run(fn)
+        with self.db.transaction() as uow:
+            return fn(uow)
+
+    def passphrase(self) -> bytes | None:
+        if self._passphrase_cache is None:
+            self._passphrase_cache = read_passphrase(self.settings)
+        return self._passphrase_cache
+
+    def key_store(self) -> KeyStore:
+        if self._store is None:
+            self._store = open_key_store(self.settings, self.passphrase)
+        return self._store
+
+    # -- CA administration --------------------------------------------------------------------------------------
+
+    def ca_info(self) -> CAInfo:
+        return CAInfo(
+            root=self.ca.files.read(ROOT_KEY),
+            issuing=self.ca.files.read(ISSUING_KEY),
+            root_key_present=self.ca.root_key_present(),
+            key_store="file" if self.settings.key_store == "file" else "pkcs11",
+        )
+
+    def chain_pem(self) -> bytes:
+        return self.ca.files.chain_pem()
+
+    def export_root(self, out: Path, *, actor: str) -> None:
+        """Write the root CA certificate and its key (encrypted with the hub passphrase) to ``out``, check the file
+        reads back, then remove the root key from the hub. The hub goes on with the issuing CA alone."""
+        store = self.key_store()
+        if not isinstance(store, FileKeyStore):
+            raise KeyStoreError(
+                "the root key lives in a PKCS#11 token and cannot be exported",
+                hint="take the token offline with your HSM's backup procedure",
+            )
+        if not store.exists(ROOT_KEY):
+            raise KeyStoreError("the root key has already been exported and removed from this hub")
+        if out.exists():
+            raise AlreadyExistsError(f"{out} exists already", hint="choose a new file name")
+        root = self.ca.files.read(ROOT_KEY)
+        key = store.load(ROOT_KEY)
+        bundle = root.public_bytes(serialization.Encoding.PEM) + store.encrypt(key)
+        write_private_file(out, bundle)
+        passphrase = self.passphrase()
+        assert passphrase is not None
+        reread = load_encrypted_key(
+            read_limited(out, DEFAULT_LIMITS.max_pem_file_bytes, what="the export"),
+            passphrase,
+            what="the exported root key",
+        )
+        if reread.public_key() != root.public_key():
+            out.unlink()
+            raise KeyStoreError("the exported root key did not read back correctly; nothing was removed")
+        with self.db.transaction() as uow:
+            self.audit.append(
+                uow,
+                AuditEvent(actor, "ca.export-root", "ca:root", details={"file": out.name, "key_removed": True}),
+            )
+            store.delete(ROOT_KEY)
+
+
+_VALIDITY = {
+    Profile.DEVICE: "device_validity_days",
+    Profile.GATEWAY: "gateway_validity_days",
+    Profile.SERVICE: "service_validity_days",
+    Profile.HUB_CLIENT: "hub_client_validity_days",
+    Profile.OCSP_SIGNER: "ocsp_signer_validity_days",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class InitResult:
+    settings: Settings
+    passphrase_file: Path | None
+    root: x509.Certificate
+    issuing: x509.Certificate
+
+
+def initialise(
+    data_dir: Path,
+    *,
+    org: str,
+    fleet_domain: str,
+    key_store: str = "file",
+    key_algorithm: str = "P-256",
+    actor: str,
+    clock: Clock | None = None,
+    random: Random | None = None,
+) -> InitResult:
+    """Create a Warden data directory: settings, database, CA hierarchy, audit key, OCSP signer.
+
+    On any failure everything this call created is removed again (files, and keys it generated in a token)."""
+    clock = clock or SystemClock()
+    random = random or SystemRandom()
+    if not org or len(org) > 64 or not org.isprintable():
+        raise InvalidInputError("the organisation name must be 1-64 printable characters")
+    fleet_domain = validate_fleet_domain(fleet_domain)
+    try:
+        algorithm = KeyAlgorithm(key_algorithm)
+    except ValueError:
+        raise InvalidInputError(f"unknown key algorithm {key_algorithm!r}", hint="use P-256 or P-384") from None
+    persisted_store = _persistable_key_store(key_store)
+    existing = load_settings(data_dir)
+    if existing.initialised:
+        raise AlreadyExistsError(f"{data_dir} is initialised already", hint="use another --data-dir")
+    settings = load_settings(
+        data_dir, org=org, fleet_domain=fleet_domain, key_store=key_store, key_algorithm=algorithm.value
+    )
+    with _undo_on_failure(data_dir) as undo:
+        for sub in ("", "keys", "ca", "audit"):
+            (data_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        passphrase_file: Path | None = None
+        if settings.ca_passphrase is None and not _passphrase_path(settings).exists():
+            passphrase_file = _passphrase_path(settings)
+            write_private_file(passphrase_file, secrets.token_urlsafe(32).encode("ascii") + b"\n")
+        db = Database(settings.effective_database_url)
+        try:
+            if db.revision() is not None:
+                raise AlreadyExistsError(
+                    "the database already holds a Warden schema", hint="use a fresh database for a new hub"
+                )
+            db.migrate()
+        finally:
+            db.dispose()
+        store = open_key_store(settings, lambda: read_passphrase(settings))
+        undo.append(lambda: _delete_keys(store))
+        now = clock.now()
+        hierarchy = create_hierarchy(
+            store=store,
+            algorithm=algorithm,
+            org=org,
+            now=now,
+            root_serial_bytes=random.token_bytes(16),
+            issuing_serial_bytes=random.token_bytes(16),
+            root_days=settings.root_validity_days,
+            issuing_days=settings.issuing_validity_days,
+        )
+        files = CAFiles(data_dir / "ca")
+        files.write_hierarchy(hierarchy)
+        values: dict[str, object] = {"org": org, "fleet_domain": fleet_domain, "key_store": persisted_store}
+        if algorithm is not KeyAlgorithm.P256:
+            values["key_algorithm"] = algorithm.value
+        if settings.database_url:
+            values["database_url"] = settings.database_url
+        with Hub(settings, clock=clock, random=random) as hub:
+            hub._store = store
+            hub.checkpoint_key.create()
+            with hub.db.transaction() as uow:
+                hub.audit.append(
+                    uow,
+                    AuditEvent(
+                        actor,
+                        "ca.init",
+                        "ca:root",
+                        details={
+                            "org": org,
+                            "fleet_domain": fleet_domain,
+                            "key_store": store.kind,
+                            "algorithm": algorithm.value,
+                            "root_serial": f"{hierarchy.root.serial_number:X}",
+                            "issuing_serial": f"{hierarchy.issuing.serial_number:X}",
+                        },
+                    ),
+                )
+            # The delegated OCSP responder is issued now, through the normal path, so it is recorded and audited.
+            hub.certificates.ensure_ocsp_responder(actor=actor)
+        write_settings_file(settings.settings_path, values)
+    return InitResult(
+        settings=load_settings(data_dir),
+        passphrase_file=passphrase_file,
+        root=hierarchy.root,
+        issuing=hierarchy.issuing,
+    )
+
+
+def _persistable_key_store(key_store: str) -> str:
+    """The key store spec as it may be written to the settings file: never with a PIN in it."""
+    if key_store == "file":
+        return key_store
+    if not key_store.startswith("pkcs11:"):
+        raise InvalidInputError(
+            f"unknown key store {key_store[:40]!r}", hint="use 'file' or a 'pkcs11:' URI (RFC 7512)"
+        )
+    from warden.pki import parse_pkcs11_uri
+
+    uri = parse_pkcs11_uri(key_store)
+    return uri.without_pin()
+
+
+def _delete_keys(store: KeyStore) -> None:
+    for label in (ROOT_KEY, ISSUING_KEY, OCSP_SIGNER_KEY):
+        with contextlib.suppress(KeyStoreError):
+            if store.exists(label):
+                store.delete(label)
+
+
+@contextlib.contextmanager
+def _undo_on_failure(data_dir: Path) -> Iterator[list[Callable[[], None]]]:
+    created_dir = not data_dir.exists()
+    before = set(data_dir.rglob("*")) if not created_dir else set()
+    undo: list[Callable[[], None]] = []
+    try:
+        yield undo
+    except BaseException:
+        for action in reversed(undo):
+            with contextlib.suppress(Exception):
+                action()
+        if created_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            for path in sorted(set(data_dir.rglob("*")) - before, reverse=True):
+                with contextlib.suppress(OSError):
+                    path.rmdir() if path.is_dir() else path.unlink()
+        raise
+
+
+def migrate_database(settings: Settings) -> str | None:
+    """``warden db upgrade``: bring the schema to this version's newest revision."""
+    db = Database(settings.effective_database_url)
+    try:
+        db.migrate()
+        return db.revision()
+    finally:
+        db.dispose()

@@ -1,0 +1,106 @@
+"""What the registry needs from storage and from the CA, as protocols. ``warden.store`` and the hub implement them;
+tests may pass in-memory fakes for pure logic."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from typing import Protocol, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from warden.monitor import AuditStore
+from warden.pki import CertificateAuthority
+from warden.registry._model import CertificateRecord, CertificateStatus, Device, DeviceGroup, DeviceState
+
+__all__ = [
+    "CAProvider",
+    "CertificateStore",
+    "CounterStore",
+    "DeviceStore",
+    "GroupStore",
+    "RegistryUnitOfWork",
+    "Transactions",
+    "Writer",
+]
+
+T = TypeVar("T")
+
+
+class DeviceStore(Protocol):
+    def exists(self, device_id: str) -> bool: ...
+    def insert(self, device: Device) -> None: ...
+    def get(self, device_id: str) -> Device | None: ...
+    def state(self, device_id: str) -> DeviceState | None: ...
+    def find(
+        self,
+        *,
+        state: DeviceState | None = None,
+        group: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[Device]: ...
+    def set_state(self, device_id: str, state: DeviceState, now: dt.datetime) -> None: ...
+    def set_onboarding_fingerprint(self, device_id: str, fingerprint: str | None, now: dt.datetime) -> None: ...
+
+
+class GroupStore(Protocol):
+    def insert(self, group: DeviceGroup) -> None: ...
+    def get(self, name: str) -> DeviceGroup | None: ...
+    def existing(self, names: Iterable[str]) -> set[str]: ...
+    def find(self) -> list[DeviceGroup]: ...
+    def member_count(self, name: str) -> int: ...
+
+
+class CertificateStore(Protocol):
+    def insert(self, record: CertificateRecord) -> None: ...
+    def get(self, serial: int) -> CertificateRecord | None: ...
+    def find(
+        self, *, device_id: str | None = None, status: CertificateStatus | None = None
+    ) -> list[CertificateRecord]: ...
+    def revoke(self, serial: int, *, revoked_at: dt.datetime, reason: str) -> None: ...
+    def revoked(self, *, not_expired_at: dt.datetime | None = None) -> Iterator[tuple[int, dt.datetime, str]]: ...
+
+
+class CounterStore(Protocol):
+    def next(self, name: str) -> int: ...
+    def peek(self, name: str) -> int: ...
+
+
+class RegistryUnitOfWork(Protocol):
+    @property
+    def devices(self) -> DeviceStore: ...
+    @property
+    def groups(self) -> GroupStore: ...
+    @property
+    def certificates(self) -> CertificateStore: ...
+    @property
+    def counters(self) -> CounterStore: ...
+    @property
+    def audit(self) -> AuditStore: ...
+    def after_commit(self, callback: Callable[[], None]) -> None: ...
+
+
+class Transactions(Protocol):
+    def __call__(self, *, readonly: bool = False) -> AbstractContextManager[RegistryUnitOfWork]: ...
+
+
+class Writer(Protocol):
+    """Runs ``fn`` in a write transaction and returns its result once that transaction has committed."""
+
+    def __call__(self, fn: Callable[[RegistryUnitOfWork], T]) -> T: ...
+
+
+class CAProvider(Protocol):
+    def authority(self) -> CertificateAuthority:
+        """The issuing CA, with its key loaded from the key store."""
+        ...
+
+    def ocsp_signer(self) -> tuple[x509.Certificate | None, ec.EllipticCurvePrivateKey]:
+        """The delegated OCSP signer's current certificate (None before the first) and its key."""
+        ...
+
+    def store_ocsp_signer(self, certificate: x509.Certificate) -> None: ...

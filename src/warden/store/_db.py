@@ -1,0 +1,224 @@
+"""The database: engine set-up, transactions (units of work), migrations, and group commit.
+
+Invariants:
+- SQLite runs in WAL mode with ``synchronous=FULL``: a transaction that has committed survives a crash or power
+  loss. Every write transaction starts with ``BEGIN IMMEDIATE``, so writers queue up front instead of failing
+  with "database is locked" half-way.
+- PostgreSQL runs at READ COMMITTED; the rows that serialise work (the audit head, counters) are taken with
+  ``SELECT ... FOR UPDATE``.
+- Either every change of a unit of work commits, with its audit records, or none does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+
+from warden.core import AlreadyExistsError, StorageError, WardenError
+from warden.store._repos import UnitOfWork
+
+__all__ = ["Database", "GroupCommitter"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+SQLITE_PRAGMAS = {"journal_mode": "wal", "synchronous": "FULL", "foreign_keys": "ON", "busy_timeout": "60000"}
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # One connection per thread via the default pool; NullPool would reopen the file each time.
+            self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+            _install_sqlite_hooks(self.engine)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True, isolation_level="READ COMMITTED")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def transaction(self, *, readonly: bool = False) -> Iterator[UnitOfWork]:
+        """A unit of work: commits when the block ends normally, rolls back on any exception."""
+        callbacks: list[Callable[[], None]] = []
+        try:
+            with self.engine.connect() as connection:
+                if readonly:
+                    connection = connection.execution_options(warden_readonly=True)
+                with connection.begin():
+                    yield UnitOfWork(connection, is_sqlite=self.is_sqlite, after_commit=callbacks.append)
+        except IntegrityError as e:
+            raise _integrity_error(e) from e
+        except DBAPIError as e:
+            raise StorageError(f"the database failed: {_short(e)}", hint=_hint(self.url)) from e
+        except SQLAlchemyError as e:
+            raise StorageError(f"the database failed: {_short(e)}") from e
+        for callback in callbacks:
+            callback()
+
+    # -- migrations ---------------------------------------------------------------------------------------------
+
+    def _alembic_config(self, connection: Connection) -> Config:
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        config.attributes["connection"] = connection
+        return config
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision."""
+        try:
+            with self.engine.begin() as connection:
+                command.upgrade(self._alembic_config(connection), "head")
+        except SQLAlchemyError as e:
+            raise StorageError(f"database migration failed: {_short(e)}", hint=_hint(self.url)) from e
+
+    def revision(self) -> str | None:
+        try:
+            with self.engine.connect() as connection:
+                return MigrationContext.configure(connection).get_current_revision()
+        except SQLAlchemyError as e:
+            raise StorageError(f"cannot open the database: {_short(e)}", hint=_hint(self.url)) from e
+
+    def head_revision(self) -> str | None:
+        with self.engine.connect() as connection:
+            return ScriptDirectory.from_config(self._alembic_config(connection)).get_current_head()
+
+    def ensure_current(self) -> None:
+        current, head = self.revision(), self.head_revision()
+        if current is None:
+            raise StorageError(
+                "the database has no Warden schema", hint="run 'warden init' (or check the database URL)"
+            )
+        if current != head:
+            raise StorageError(
+                f"the database schema is at revision {current}, this Warden expects {head}",
+                hint="run 'warden db upgrade'",
+            )
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module, so that BEGIN IMMEDIATE is ours to send.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for name, value in SQLITE_PRAGMAS.items():
+            cursor.execute(f"PRAGMA {name}={value}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        readonly = connection.get_execution_options().get("warden_readonly", False)
+        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+def _short(e: Exception) -> str:
+    text_ = str(getattr(e, "orig", e) or e).strip().splitlines()
+    return text_[0][:200] if text_ else type(e).__name__
+
+
+def _hint(url: str) -> str:
+    return f"check the database at {make_url(url).render_as_string(hide_password=True)}"
+
+
+def _integrity_error(e: IntegrityError) -> WardenError:
+    message = _short(e).lower()
+    if "unique" in message or "duplicate" in message:
+        return AlreadyExistsError(f"a record with the same key exists already: {_short(e)}")
+    return StorageError(f"the change violates a database constraint: {_short(e)}")
+
+
+class _Work:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[UnitOfWork], Any]) -> None:
+        self.fn = fn
+        self.future: Future[Any] = Future()
+
+
+class GroupCommitter:
+    """Runs units of work from many threads in shared transactions: one commit (one fsync) for every request that
+    arrived while the previous commit was running. Each request runs in its own savepoint, so one that fails is
+    rolled back alone; every caller returns only after the transaction holding its work has committed."""
+
+    def __init__(self, database: Database, *, max_batch: int = 256) -> None:
+        self._db = database
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="warden-group-commit", daemon=True)
+        self._thread.start()
+        self.commits = 0
+        self.requests = 0
+
+    def run(self, fn: Callable[[UnitOfWork], T]) -> T:
+        work = _Work(fn)
+        self._queue.put(work)
+        result: T = work.future.result()
+        return result
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Work]) -> None:
+        results: list[tuple[_Work, bool, Any]] = []
+        try:
+            with self._db.transaction() as uow:
+                for work in batch:
+                    try:
+                        with uow.savepoint():
+                            results.append((work, True, work.fn(uow)))
+                    except Exception as e:  # the failing request alone is rolled back and told why
+                        results.append((work, False, e))
+        except Exception as e:  # the commit itself failed: nobody's work is durable
+            for work in batch:
+                work.future.set_exception(e)
+            return
+        self.commits += 1
+        self.requests += len(batch)
+        for work, ok, value in results:
+            if ok:
+                work.future.set_result(value)
+            else:
+                work.future.set_exception(value)

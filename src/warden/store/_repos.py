@@ -1,0 +1,408 @@
+"""Repositories: the storage protocols of the registry and the monitor, implemented on SQLAlchemy Core."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Row, and_, func, insert, select, update
+
+from warden.core import AlreadyExistsError, StorageError
+from warden.monitor import GENESIS_HASH, AuditRecord, Checkpoint
+from warden.registry import CertificateRecord, CertificateStatus, Device, DeviceGroup, DeviceState
+from warden.store._tables import (
+    audit_checkpoints,
+    audit_head,
+    audit_log,
+    certificates,
+    counters,
+    device_group_members,
+    device_groups,
+    device_tags,
+    devices,
+)
+
+__all__ = ["UnitOfWork"]
+
+
+def _serial_key(serial: int) -> str:
+    text = f"{serial:X}"
+    return text if len(text) % 2 == 0 else "0" + text
+
+
+class UnitOfWork:
+    """One transaction's view of every repository."""
+
+    def __init__(self, connection: Connection, *, is_sqlite: bool, after_commit: Callable[[Callable[[], None]], None]):
+        self.connection = connection
+        self._after_commit = after_commit
+        self.devices = DeviceRepository(connection)
+        self.groups = GroupRepository(connection)
+        self.certificates = CertificateRepository(connection)
+        self.audit = AuditRepository(connection, lock=not is_sqlite)
+        self.counters = CounterRepository(connection, lock=not is_sqlite)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        self._after_commit(callback)
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        head = self.audit.cached_head
+        try:
+            with self.connection.begin_nested():
+                yield
+        except BaseException:
+            # The savepoint's audit appends are gone: forget the head they moved.
+            self.audit.cached_head = head
+            raise
+
+
+class DeviceRepository:
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+
+    def exists(self, device_id: str) -> bool:
+        return self._c.execute(select(devices.c.id).where(devices.c.id == device_id)).first() is not None
+
+    def insert(self, device: Device) -> None:
+        if self.exists(device.id):
+            raise AlreadyExistsError(f"device {device.id!r} exists already", hint="choose another id")
+        self._c.execute(
+            insert(devices).values(
+                id=device.id,
+                display_name=device.display_name,
+                state=str(device.state),
+                onboarding_fingerprint=device.onboarding_fingerprint,
+                created_at=device.created_at,
+                updated_at=device.updated_at,
+            )
+        )
+        if device.groups:
+            self._c.execute(
+                insert(device_group_members),
+                [{"device_id": device.id, "group_name": g} for g in device.groups],
+            )
+        if device.tags:
+            self._c.execute(
+                insert(device_tags),
+                [{"device_id": device.id, "key": k, "value": v} for k, v in device.tags.items()],
+            )
+
+    def get(self, device_id: str) -> Device | None:
+        row = self._c.execute(select(devices).where(devices.c.id == device_id)).first()
+        if row is None:
+            return None
+        return self._hydrate([row])[0]
+
+    def state(self, device_id: str) -> DeviceState | None:
+        value = self._c.execute(select(devices.c.state).where(devices.c.id == device_id)).scalar()
+        return DeviceState(value) if value is not None else None
+
+    def find(
+        self,
+        *,
+        state: DeviceState | None = None,
+        group: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[Device]:
+        query = select(devices).order_by(devices.c.id)
+        if state is not None:
+            query = query.where(devices.c.state == str(state))
+        if group is not None:
+            query = query.where(
+                devices.c.id.in_(
+                    select(device_group_members.c.device_id).where(device_group_members.c.group_name == group)
+                )
+            )
+        for key, value in (tags or {}).items():
+            query = query.where(
+                devices.c.id.in_(
+                    select(device_tags.c.device_id).where(and_(device_tags.c.key == key, device_tags.c.value == value))
+                )
+            )
+        if after is not None:
+            query = query.where(devices.c.id > after)
+        if limit is not None:
+            query = query.limit(limit)
+        return self._hydrate(self._c.execute(query).all())
+
+    def _hydrate(self, rows: Sequence[Row[Any]]) -> list[Device]:
+        ids = [row.id for row in rows]
+        groups: dict[str, list[str]] = {i: [] for i in ids}
+        tags: dict[str, dict[str, str]] = {i: {} for i in ids}
+        for chunk_start in range(0, len(ids), 500):
+            chunk = ids[chunk_start : chunk_start + 500]
+            for m in self._c.execute(
+                select(device_group_members)
+                .where(device_group_members.c.device_id.in_(chunk))
+                .order_by(device_group_members.c.group_name)
+            ):
+                groups[m.device_id].append(m.group_name)
+            for t in self._c.execute(
+                select(device_tags).where(device_tags.c.device_id.in_(chunk)).order_by(device_tags.c.key)
+            ):
+                tags[t.device_id][t.key] = t.value
+        return [
+            Device(
+                id=row.id,
+                display_name=row.display_name,
+                state=DeviceState(row.state),
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                tags=tags[row.id],
+                groups=tuple(groups[row.id]),
+                onboarding_fingerprint=row.onboarding_fingerprint,
+            )
+            for row in rows
+        ]
+
+    def set_state(self, device_id: str, state: DeviceState, now: dt.datetime) -> None:
+        self._c.execute(update(devices).where(devices.c.id == device_id).values(state=str(state), updated_at=now))
+
+    def set_onboarding_fingerprint(self, device_id: str, fingerprint: str | None, now: dt.datetime) -> None:
+        self._c.execute(
+            update(devices).where(devices.c.id == device_id).values(onboarding_fingerprint=fingerprint, updated_at=now)
+        )
+
+    def count(self) -> int:
+        return int(self._c.execute(select(func.count()).select_from(devices)).scalar_one())
+
+
+class GroupRepository:
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+
+    def insert(self, group: DeviceGroup) -> None:
+        if self.get(group.name) is not None:
+            raise AlreadyExistsError(f"group {group.name!r} exists already")
+        self._c.execute(
+            insert(device_groups).values(
+                name=group.name,
+                description=group.description,
+                settings=json.dumps(dict(group.settings), sort_keys=True),
+                created_at=group.created_at,
+            )
+        )
+
+    def get(self, name: str) -> DeviceGroup | None:
+        row = self._c.execute(select(device_groups).where(device_groups.c.name == name)).first()
+        return _group(row) if row is not None else None
+
+    def existing(self, names: Iterable[str]) -> set[str]:
+        names = list(names)
+        if not names:
+            return set()
+        rows = self._c.execute(select(device_groups.c.name).where(device_groups.c.name.in_(names)))
+        return {r.name for r in rows}
+
+    def find(self) -> list[DeviceGroup]:
+        return [_group(r) for r in self._c.execute(select(device_groups).order_by(device_groups.c.name))]
+
+    def member_count(self, name: str) -> int:
+        query = select(func.count()).where(device_group_members.c.group_name == name)
+        return int(self._c.execute(query).scalar_one())
+
+
+def _group(row: Row[Any]) -> DeviceGroup:
+    return DeviceGroup(
+        name=row.name,
+        description=row.description,
+        settings=json.loads(row.settings),
+        created_at=row.created_at,
+    )
+
+
+class CertificateRepository:
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+
+    def insert(self, record: CertificateRecord) -> None:
+        self._c.execute(
+            insert(certificates).values(
+                serial=_serial_key(record.serial),
+                device_id=record.device_id,
+                common_name=record.common_name,
+                profile=record.profile,
+                not_before=record.not_before,
+                not_after=record.not_after,
+                fingerprint=record.fingerprint,
+                key_fingerprint=record.key_fingerprint,
+                status=str(record.status),
+                issued_at=record.issued_at,
+                revoked_at=record.revoked_at,
+                revocation_reason=record.revocation_reason,
+                pem=record.pem,
+            )
+        )
+
+    def get(self, serial: int) -> CertificateRecord | None:
+        row = self._c.execute(select(certificates).where(certificates.c.serial == _serial_key(serial))).first()
+        return _certificate(row) if row is not None else None
+
+    def find(self, *, device_id: str | None = None, status: CertificateStatus | None = None) -> list[CertificateRecord]:
+        query = select(certificates).order_by(certificates.c.issued_at, certificates.c.serial)
+        if device_id is not None:
+            query = query.where(certificates.c.device_id == device_id)
+        if status is not None:
+            query = query.where(certificates.c.status == str(status))
+        return [_certificate(r) for r in self._c.execute(query)]
+
+    def revoke(self, serial: int, *, revoked_at: dt.datetime, reason: str) -> None:
+        self._c.execute(
+            update(certificates)
+            .where(certificates.c.serial == _serial_key(serial))
+            .values(status=str(CertificateStatus.REVOKED), revoked_at=revoked_at, revocation_reason=reason)
+        )
+
+    def revoked(self, *, not_expired_at: dt.datetime | None = None) -> Iterator[tuple[int, dt.datetime, str]]:
+        """(serial, revocation time, reason) of every revoked certificate, streamed."""
+        query = select(certificates.c.serial, certificates.c.revoked_at, certificates.c.revocation_reason).where(
+            certificates.c.status == str(CertificateStatus.REVOKED)
+        )
+        if not_expired_at is not None:
+            query = query.where(certificates.c.not_after > not_expired_at)
+        for serial, revoked_at, reason in self._c.execute(query.execution_options(yield_per=10_000)):
+            yield int(serial, 16), revoked_at, reason
+
+    def count(self) -> int:
+        return int(self._c.execute(select(func.count()).select_from(certificates)).scalar_one())
+
+
+def _certificate(row: Row[Any]) -> CertificateRecord:
+    return CertificateRecord(
+        serial=int(row.serial, 16),
+        device_id=row.device_id,
+        common_name=row.common_name,
+        profile=row.profile,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        fingerprint=row.fingerprint,
+        key_fingerprint=row.key_fingerprint,
+        status=CertificateStatus(row.status),
+        issued_at=row.issued_at,
+        pem=row.pem,
+        revoked_at=row.revoked_at,
+        revocation_reason=row.revocation_reason,
+    )
+
+
+class AuditRepository:
+    def __init__(self, connection: Connection, *, lock: bool) -> None:
+        self._c = connection
+        self._lock = lock
+        #: the head as this transaction last moved it, so batched appends read it once
+        self.cached_head: tuple[int, str, int] | None = None
+
+    def _select_head(self, *, lock: bool) -> tuple[int, str, int]:
+        query = select(audit_head.c.seq, audit_head.c.hash, audit_head.c.last_checkpoint_seq).where(
+            audit_head.c.id == 1
+        )
+        if lock:
+            query = query.with_for_update()
+        row = self._c.execute(query).first()
+        if row is None:
+            raise StorageError("the audit head row is missing", hint="the database was not migrated by Warden")
+        return (int(row.seq), row.hash, int(row.last_checkpoint_seq))
+
+    def lock_head(self) -> tuple[int, str, int]:
+        if self.cached_head is None:
+            self.cached_head = self._select_head(lock=self._lock)
+        return self.cached_head
+
+    def read_head(self) -> tuple[int, str, int]:
+        row = self._c.execute(
+            select(audit_head.c.seq, audit_head.c.hash, audit_head.c.last_checkpoint_seq).where(audit_head.c.id == 1)
+        ).first()
+        return (int(row.seq), row.hash, int(row.last_checkpoint_seq)) if row else (0, GENESIS_HASH, 0)
+
+    def append(self, records: Sequence[AuditRecord]) -> None:
+        if not records:
+            return
+        _, _, last_checkpoint = self.lock_head()
+        self._c.execute(
+            insert(audit_log),
+            [
+                {
+                    "seq": r.seq,
+                    "time": r.time,
+                    "actor": r.actor,
+                    "action": r.action,
+                    "target": r.target,
+                    "outcome": r.outcome,
+                    "details": json.dumps(dict(r.details), sort_keys=True, separators=(",", ":")),
+                    "prev_hash": r.prev_hash,
+                    "hash": r.hash,
+                }
+                for r in records
+            ],
+        )
+        last = records[-1]
+        self._c.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=last.seq, hash=last.hash))
+        self.cached_head = (last.seq, last.hash, last_checkpoint)
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self._c.execute(
+            insert(audit_checkpoints).values(
+                seq=checkpoint.seq,
+                hash=checkpoint.hash,
+                time=checkpoint.time,
+                signature=checkpoint.signature,
+                key_id=checkpoint.key_id,
+            )
+        )
+        seq, digest, last = self.lock_head()
+        new_last = max(last, checkpoint.seq)
+        self._c.execute(update(audit_head).where(audit_head.c.id == 1).values(last_checkpoint_seq=new_last))
+        self.cached_head = (seq, digest, new_last)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        rows = self._c.execute(select(audit_checkpoints).order_by(audit_checkpoints.c.seq))
+        return [Checkpoint(r.seq, r.hash, r.time, r.signature, r.key_id) for r in rows]
+
+    def records(
+        self, *, since_seq: int = 0, since_time: dt.datetime | None = None, limit: int | None = None
+    ) -> Iterator[AuditRecord]:
+        query = select(audit_log).where(audit_log.c.seq > since_seq).order_by(audit_log.c.seq)
+        if since_time is not None:
+            query = query.where(audit_log.c.time >= since_time)
+        if limit is not None:
+            query = query.limit(limit)
+        for r in self._c.execute(query.execution_options(yield_per=5_000)):
+            yield AuditRecord(
+                seq=int(r.seq),
+                time=r.time,
+                actor=r.actor,
+                action=r.action,
+                target=r.target,
+                outcome=r.outcome,
+                details=json.loads(r.details),
+                prev_hash=r.prev_hash,
+                hash=r.hash,
+            )
+
+
+class CounterRepository:
+    def __init__(self, connection: Connection, *, lock: bool) -> None:
+        self._c = connection
+        self._lock = lock
+
+    def next(self, name: str) -> int:
+        """Allocate the next value of counter ``name`` (1, 2, ...) under a row lock."""
+        query = select(counters.c.value).where(counters.c.name == name)
+        if self._lock:
+            query = query.with_for_update()
+        current = self._c.execute(query).scalar()
+        if current is None:
+            raise StorageError(f"the counter {name!r} is missing", hint="the database was not migrated by Warden")
+        value = int(current) + 1
+        self._c.execute(update(counters).where(counters.c.name == name).values(value=value))
+        return value
+
+    def peek(self, name: str) -> int:
+        current = self._c.execute(select(counters.c.value).where(counters.c.name == name)).scalar()
+        return int(current) if current is not None else 0

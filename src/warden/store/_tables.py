@@ -1,0 +1,164 @@
+"""SQLAlchemy Core tables. The schema changes only through Alembic migrations (``migrations/versions``); a test
+checks that a migrated database matches these definitions exactly."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "audit_checkpoints",
+    "audit_head",
+    "audit_log",
+    "certificates",
+    "counters",
+    "device_group_members",
+    "device_groups",
+    "device_tags",
+    "devices",
+    "metadata",
+]
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out; stored naive (UTC) on every backend."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored: pass an aware UTC datetime")
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)
+        return value.replace(tzinfo=dt.UTC)
+
+
+device_groups = Table(
+    "device_groups",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("description", String(512), nullable=False),
+    Column("settings", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("id", String(63), primary_key=True),
+    Column("display_name", String(128), nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("onboarding_fingerprint", String(64), nullable=True, unique=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+device_group_members = Table(
+    "device_group_members",
+    metadata,
+    Column("device_id", String(63), ForeignKey("devices.id"), primary_key=True),
+    Column("group_name", String(64), ForeignKey("device_groups.name"), primary_key=True, index=True),
+)
+
+device_tags = Table(
+    "device_tags",
+    metadata,
+    Column("device_id", String(63), ForeignKey("devices.id"), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+    Index("ix_device_tags_key_value", "key", "value"),
+)
+
+certificates = Table(
+    "certificates",
+    metadata,
+    # Upper-case hex without leading zeros beyond an even length; unique by the primary key, so a serial can never
+    # be issued twice even if the random source failed.
+    Column("serial", String(42), primary_key=True),
+    Column("device_id", String(63), ForeignKey("devices.id"), nullable=True, index=True),
+    Column("common_name", String(253), nullable=False),
+    Column("profile", String(16), nullable=False),
+    Column("not_before", UTCDateTime(), nullable=False),
+    Column("not_after", UTCDateTime(), nullable=False),
+    Column("fingerprint", String(64), nullable=False, unique=True),
+    Column("key_fingerprint", String(64), nullable=False, index=True),
+    Column("status", String(8), nullable=False, index=True),
+    Column("issued_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("revocation_reason", String(32), nullable=True),
+    Column("pem", Text, nullable=False),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=False),
+    Column("time", UTCDateTime(), nullable=False, index=True),
+    Column("actor", String(128), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(256), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("details", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# One row (id = 1): the chain head. Every append locks it (BEGIN IMMEDIATE on SQLite, SELECT ... FOR UPDATE on
+# PostgreSQL), which serialises appends so concurrent writers can never fork the chain.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("last_checkpoint_seq", BigInteger, nullable=False),
+)
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=False),
+    Column("hash", String(64), nullable=False),
+    Column("time", UTCDateTime(), nullable=False),
+    Column("signature", String(128), nullable=False),
+    Column("key_id", String(16), nullable=False),
+)
+
+# Named monotonic counters (the CRL number), allocated under a row lock like the audit head.
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
