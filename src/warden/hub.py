@@ -225,6 +225,9 @@ class Hub:
         if self._committer is not None:
             self._committer.close()
         self.db.dispose()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     def __enter__(self) -> Hub:
         return self

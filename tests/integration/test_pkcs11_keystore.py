@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID
 from pkcs11 import exceptions as p11e
 from pkcs11.constants import Attribute, ObjectClass
-from tests.softhsm import SKIP_REASON, SOFTHSM_AVAILABLE, SOFTHSM_MODULE, make_softhsm_token, unload_module
 
+from tests.softhsm import SKIP_REASON, SOFTHSM_AVAILABLE, SOFTHSM_MODULE, make_softhsm_token, unload_module
 from warden.core import InvalidInputError, KeyStoreError, KeyStoreLockedError
 from warden.pki._keystore import KeyAlgorithm, KeyStore
 from warden.pki._pkcs11 import (
@@ -253,7 +253,9 @@ def _token_private_key_attributes(token_uri: str, label: str) -> dict[Attribute,
 
 
 @pytest.mark.parametrize(("algorithm", "curve"), [(KeyAlgorithm.P256, ec.SECP256R1), (KeyAlgorithm.P384, ec.SECP384R1)])
-@pytest.mark.parametrize("hash_algorithm", [hashes.SHA256(), hashes.SHA384(), hashes.SHA512()], ids=str)
+@pytest.mark.parametrize(
+    "hash_algorithm", [hashes.SHA256(), hashes.SHA384(), hashes.SHA512()], ids=lambda h: str(h.name)
+)
 @pytest.mark.softhsm
 @pytest.mark.skipif(not SOFTHSM_AVAILABLE, reason=SKIP_REASON)
 def test_generate_sign_verify(
@@ -566,6 +568,41 @@ def test_the_session_is_reopened_after_the_module_is_reinitialised(store: Pkcs11
     key.public_key().verify(signature, b"after", ec.ECDSA(hashes.SHA256()))
     unload_module()  # and the module object itself is gone
     assert store.exists("root")
+
+
+@pytest.mark.softhsm
+@pytest.mark.skipif(not SOFTHSM_AVAILABLE, reason=SKIP_REASON)
+def test_closing_one_key_store_does_not_log_out_another(token_uri: str) -> None:
+    # PKCS#11 logins are per process and token: C_Logout from one store's session would log out the other.
+    first = Pkcs11KeyStore(parse_pkcs11_uri(token_uri))
+    second = Pkcs11KeyStore(parse_pkcs11_uri(token_uri))
+    try:
+        first.generate("root", KeyAlgorithm.P256)
+        key = second.load("root")
+        first.close()
+        assert second.exists("root")
+        signature = key.sign(b"x", ec.ECDSA(hashes.SHA256()))
+        key.public_key().verify(signature, b"x", ec.ECDSA(hashes.SHA256()))
+        first.close()  # closing twice is harmless
+        assert first.exists("root")  # and a closed store attaches again
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.softhsm
+@pytest.mark.skipif(not SOFTHSM_AVAILABLE, reason=SKIP_REASON)
+def test_a_lone_public_half_is_not_reported_as_no_key(token_uri: str, store: Pkcs11KeyStore) -> None:
+    store.generate("root", KeyAlgorithm.P256)
+    store.close()
+    uri = parse_pkcs11_uri(token_uri)
+    token = pkcs11.lib(uri.module_path).get_token(token_label="warden")
+    with token.open(rw=True, user_pin=PIN) as session:
+        session.get_key(object_class=ObjectClass.PRIVATE_KEY, label="root").destroy()
+    with pytest.raises(KeyStoreError, match="only the public half"):
+        store.exists("root")
+    with pytest.raises(KeyStoreError, match="already exists"):
+        store.generate("root", KeyAlgorithm.P256)
 
 
 def test_uri_dataclass_is_frozen() -> None:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from warden.core.errors import ConfigurationError
+from warden.core.errors import ConfigurationError, InvalidInputError
 from warden.core.ids import validate_fleet_domain
 from warden.core.limits import DEFAULT_LIMITS
 
@@ -60,7 +60,10 @@ class Settings(BaseSettings):
     @field_validator("fleet_domain")
     @classmethod
     def _fleet_domain(cls, value: str) -> str:
-        return validate_fleet_domain(value) if value else value
+        try:
+            return validate_fleet_domain(value) if value else value
+        except InvalidInputError as e:  # pydantic turns ValueError, and only that, into a validation error
+            raise ValueError(e.message) from None
 
     @field_validator("public_url")
     @classmethod

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -49,7 +49,7 @@ class AuditStore(Protocol):
 
     def records(
         self, *, since_seq: int = 0, since_time: dt.datetime | None = None, limit: int | None = None
-    ) -> Iterator[AuditRecord]: ...
+    ) -> Generator[AuditRecord, None, None]: ...
 
 
 class AuditUnitOfWork(Protocol):
@@ -200,10 +200,14 @@ class AuditLog:
 
     def verify(self, uow: AuditUnitOfWork) -> VerifyReport:
         seq, digest, _ = uow.audit.read_head()
-        return verify_chain(
-            uow.audit.records(),
-            head=(seq, digest),
-            checkpoints=uow.audit.checkpoints(),
-            mirrored=self._mirror.read(),
-            public_key=self._key.public_key() if self._key is not None else None,
-        )
+        records = uow.audit.records()
+        try:
+            return verify_chain(
+                records,
+                head=(seq, digest),
+                checkpoints=uow.audit.checkpoints(),
+                mirrored=self._mirror.read(),
+                public_key=self._key.public_key() if self._key is not None else None,
+            )
+        finally:
+            records.close()

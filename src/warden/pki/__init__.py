@@ -26,6 +26,7 @@ from warden.pki._crl import RevokedEntry, build_crl
 from warden.pki._csr import CertificateSigningRequest, PublicKey, parse_csr, public_key_fingerprint
 from warden.pki._keystore import FileKeyStore, KeyAlgorithm, KeyStore, load_encrypted_key
 from warden.pki._ocsp import CertificateStatus, OCSPAnswer, OCSPResponder, StatusLookup, parse_ocsp_request
+from warden.pki._pkcs11 import Pkcs11KeyStore, Pkcs11PrivateKey, Pkcs11Uri, parse_pkcs11_uri
 from warden.pki._profiles import PROFILES, Profile, ProfileSpec, RevocationReason
 
 __all__ = [
@@ -45,6 +46,9 @@ __all__ = [
     "KeyStore",
     "OCSPAnswer",
     "OCSPResponder",
+    "Pkcs11KeyStore",
+    "Pkcs11PrivateKey",
+    "Pkcs11Uri",
     "Profile",
     "ProfileSpec",
     "PublicKey",
@@ -61,5 +65,6 @@ __all__ = [
     "new_serial",
     "parse_csr",
     "parse_ocsp_request",
+    "parse_pkcs11_uri",
     "public_key_fingerprint",
 ]

@@ -57,6 +57,10 @@ class KeyStore(Protocol):
         """Where the key lives, for humans (never includes a PIN or passphrase)."""
         ...
 
+    def close(self) -> None:
+        """Release the store (a token session logs out); keys loaded from it stop working."""
+        ...
+
 
 def check_label(label: str) -> str:
     if not _LABEL.fullmatch(label):
@@ -127,6 +131,9 @@ class FileKeyStore:
 
     def describe(self, label: str) -> str:
         return f"encrypted PKCS#8 file {self._path(label)}"
+
+    def close(self) -> None:
+        """Nothing to release: each key file is read when it is loaded."""
 
 
 def load_encrypted_key(data: bytes, passphrase: bytes, *, what: str) -> ec.EllipticCurvePrivateKey:

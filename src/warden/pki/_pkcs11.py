@@ -10,8 +10,9 @@ Invariants:
   swapped on the token cannot make Warden publish a certificate, CRL or OCSP answer that does not verify.
 - The PIN never appears in a message, a hint, a ``repr`` or :meth:`Pkcs11Uri.redacted`; errors name the
   token, the module path and the key label only.
-- All token access of one key store goes through one session, opened lazily, reused, and serialised by one
-  lock: a PKCS#11 session may run one operation at a time.
+- All token access goes through one logged-in session per token and process, opened lazily, reused, and
+  serialised by one lock (a PKCS#11 session runs one operation at a time). Key stores naming the same token
+  share it, because the PKCS#11 login is per process, not per session; the last one to close logs out.
 - Every python-pkcs11 exception is wrapped at this boundary (``raise ... from e``) into
   :class:`~warden.core.KeyStoreError` or :class:`~warden.core.KeyStoreLockedError`; URI syntax errors are
   :class:`~warden.core.InvalidInputError`.
@@ -116,6 +117,13 @@ class Pkcs11Uri:
 
     def redacted(self) -> str:
         """The URI in canonical form, with ``pin-value=***`` in place of the PIN."""
+        return self._render(pin_mark="***")
+
+    def without_pin(self) -> str:
+        """The URI in canonical form with any ``pin-value`` left out: what may be written to a settings file."""
+        return self._render(pin_mark=None)
+
+    def _render(self, *, pin_mark: str | None) -> str:
         path: list[str] = []
 
         def add(name: str, value: str | bytes | None) -> None:
@@ -145,8 +153,8 @@ class Pkcs11Uri:
         query.append(f"module-path={_pct_encode(self.module_path.encode(), _QUERY_SAFE)}")
         if self.pin_file is not None:
             query.append(f"pin-source=file:{_pct_encode(str(self.pin_file).encode(), _QUERY_SAFE)}")
-        if self.pin_value is not None:
-            query.append("pin-value=***")
+        if self.pin_value is not None and pin_mark is not None:
+            query.append(f"pin-value={pin_mark}")
         return f"{_SCHEME}{';'.join(path)}?{'&'.join(query)}"
 
     def __str__(self) -> str:
@@ -344,14 +352,20 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
     )
 
 
-# Errors after which the session (or the whole module) is gone but a fresh session may well work: the module
-# was re-initialised, the token re-inserted, or another key store in this process logged the shared login out.
-_STALE_SESSION_ERRORS: tuple[type[p11e.PKCS11Error], ...] = (
+# The session handle is gone (module re-initialised, token removed): forget it, never close it, since the token
+# may already have handed the same handle number to a new session.
+_SESSION_GONE: tuple[type[p11e.PKCS11Error], ...] = (
     p11e.SessionHandleInvalid,
     p11e.SessionClosed,
-    p11e.UserNotLoggedIn,
     p11e.DeviceRemoved,
     p11e.TokenNotPresent,
+)
+# The session is still ours but the login is gone (code outside Warden called C_Logout), which also invalidates
+# the handles of private objects: close it and log in on a fresh one.
+_LOGIN_GONE: tuple[type[p11e.PKCS11Error], ...] = (
+    p11e.UserNotLoggedIn,
+    p11e.ObjectHandleInvalid,
+    p11e.KeyHandleInvalid,
 )
 
 _CURVES: Mapping[KeyAlgorithm, str] = {KeyAlgorithm.P256: "secp256r1", KeyAlgorithm.P384: "secp384r1"}
@@ -389,21 +403,65 @@ def _login_error(e: p11e.PKCS11Error, where: str, final_try: bool) -> KeyStoreEr
     return KeyStoreError(f"cannot log in to the PKCS#11 token {where}: {type(e).__name__}")
 
 
+class _TokenSession:
+    """Warden's one session on one token, shared by every key store in this process that names the token.
+
+    PKCS#11 keeps the login per application and token, not per session (PKCS#11 v2.40 section 5.6): a second
+    C_Login fails with CKR_USER_ALREADY_LOGGED_IN and C_Logout on any session logs all of them out. With a
+    session for each key store, one store's close() would log the others out, after which their searches
+    silently find no private keys. So stores on one token share one logged-in session, serialised by its
+    lock, and the last store to close ends it.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lib: _pkcs11.lib | None = None
+        self.session: Session | None = None
+        self.users = 0
+        # Private key objects by CKA_ID; object handles are valid for the current session only.
+        self.handles: dict[bytes, SignMixin] = {}
+
+    def current(self) -> Session | None:
+        """The session, unless the module it came from was finalised (pkcs11.unload) since it was opened."""
+        if self.session is not None and self.lib is not None and self.lib.initialized:
+            return self.session
+        self.forget()
+        return None
+
+    def forget(self) -> None:
+        self.session = None
+        self.lib = None
+        self.handles.clear()
+
+    def end(self) -> None:
+        session, lib = self.session, self.lib
+        self.forget()
+        if session is not None and lib is not None and lib.initialized:
+            # A failure means the session is already gone on the token's side, which is what we wanted.
+            with contextlib.suppress(p11e.PKCS11Error):
+                session.close()
+
+
+# Shared sessions by (module path, token serial, token label). Lock order: _SESSIONS_LOCK, then a session's lock.
+_SESSIONS: dict[tuple[str, bytes, str], _TokenSession] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
 class Pkcs11KeyStore:
     """CA keys on a PKCS#11 token. Implements :class:`~warden.pki._keystore.KeyStore`.
 
-    One logged-in read/write session a key store, opened on first use and reused; :meth:`close` ends it.
-    The PIN comes from ``pin`` if given, else from the URI's ``pin-value`` or ``pin-source``.
+    One logged-in read/write session, opened on first use and reused; :meth:`close` releases it. Key stores
+    of one process on the same token share that session (see :class:`_TokenSession`), so the PIN of the store
+    that opened it is the one that logged in. The PIN comes from ``pin`` if given, else from the URI's
+    ``pin-value`` or ``pin-source``. Do not call :meth:`close` while another thread uses the store.
     """
 
     def __init__(self, uri: Pkcs11Uri, *, pin: str | None = None) -> None:
         self._uri = uri
         self._pin = pin
-        self._lock = threading.Lock()
-        self._lib: _pkcs11.lib | None = None
-        self._session: Session | None = None
-        # Private key objects by CKA_ID, valid for the current session only.
-        self._handles: dict[bytes, SignMixin] = {}
+        self._lock = threading.Lock()  # guards _shared and _shared_key
+        self._shared: _TokenSession | None = None
+        self._shared_key: tuple[str, bytes, str] | None = None
 
     def __repr__(self) -> str:
         return f"Pkcs11KeyStore({self._uri.redacted()!r})"
@@ -424,7 +482,7 @@ class Pkcs11KeyStore:
     def _where(self) -> str:
         return self._uri.token_name()
 
-    # -- session handling (call with self._lock held) --------------------------------------------------------
+    # -- finding the token, sharing its session --------------------------------------------------------------
 
     def _load_module(self) -> _pkcs11.lib:
         path = self._uri.module_path
@@ -478,19 +536,31 @@ class Pkcs11KeyStore:
             )
         return found[0]
 
-    def _open_locked(self) -> Session:
-        lib = self._lib
-        if self._session is not None and lib is not None and lib.initialized:
-            return self._session
-        # Either no session yet or the module was finalised under us (pkcs11.unload): the old session's handle
-        # is meaningless then, and closing it would call into an unloaded module.
-        self._session = None
-        self._handles.clear()
-        lib = self._load_module()
+    def _token(self, lib: _pkcs11.lib) -> Token:
         try:
-            token = self._find_token(lib)
+            return self._find_token(lib)
         except p11e.PKCS11Error as e:
             raise KeyStoreError(f"cannot list the tokens of {self._uri.module_path}: {type(e).__name__}") from e
+
+    def _attach(self) -> tuple[_TokenSession, Token | None]:
+        """The shared session of our token, registering this store as one of its users on first use."""
+        with self._lock:
+            if self._shared is not None:
+                return self._shared, None
+            lib = self._load_module()
+            token = self._token(lib)
+            key = (self._uri.module_path, token.serial, token.label)
+            with _SESSIONS_LOCK:
+                shared = _SESSIONS.setdefault(key, _TokenSession())
+                shared.users += 1
+            self._shared, self._shared_key = shared, key
+            return shared, token
+
+    def _login(self, shared: _TokenSession, token: Token | None) -> Session:
+        """Open and log in the shared session (its lock held). ``token`` saves a second search if fresh."""
+        lib = self._load_module()
+        if token is None:
+            token = self._token(lib)
         flags = token.flags
         if flags & TokenFlag.USER_PIN_LOCKED:
             raise _login_error(p11e.PinLocked(), self._where, final_try=False)
@@ -503,15 +573,13 @@ class Pkcs11KeyStore:
         try:
             session = token.open(rw=True, user_pin=pin)
         except p11e.UserAlreadyLoggedIn:
-            # Login state belongs to the application, not the session (PKCS#11 section 5.6): another key
-            # store in this process already logged in, and a new session shares that login.
+            # Code outside Warden in this process holds the login; a new session shares it.
             session = self._open_plain(token)
         except p11e.PKCS11Error as e:
             # python-pkcs11 leaves open the session it opened before C_Login failed, and gives us no handle
             # to close it: one leaked session per failed login.
             raise _login_error(e, self._where, final_try=bool(flags & TokenFlag.USER_PIN_FINAL_TRY)) from e
-        self._lib = lib
-        self._session = session
+        shared.lib, shared.session = lib, session
         return session
 
     def _open_plain(self, token: Token) -> Session:
@@ -520,23 +588,22 @@ class Pkcs11KeyStore:
         except p11e.PKCS11Error as e:
             raise KeyStoreError(f"cannot open a session on the PKCS#11 token {self._where}") from e
 
-    def _drop_session_locked(self) -> None:
-        session, self._session = self._session, None
-        self._handles.clear()
-        if session is not None and self._lib is not None and self._lib.initialized:
-            # A failure means the session is already gone on the token's side, which is what we wanted.
-            with contextlib.suppress(p11e.PKCS11Error):
-                session.close()
-
-    def _run(self, what: str, op: Callable[[Session], _T]) -> _T:
-        """Run ``op`` on the session under the lock; retry once on a fresh session if the old one is stale."""
-        with self._lock:
+    def _run(self, what: str, op: Callable[[Session, dict[bytes, SignMixin]], _T]) -> _T:
+        """Run ``op`` on the shared session under its lock; retry once on a fresh session if it went stale."""
+        shared, token = self._attach()
+        with shared.lock:
             for attempt in range(2):
-                session = self._open_locked()
+                session = shared.current()
+                if session is None:
+                    session = self._login(shared, token)
+                token = None  # a retry searches for the token afresh
                 try:
-                    return op(session)
-                except _STALE_SESSION_ERRORS as e:
-                    self._drop_session_locked()
+                    return op(session, shared.handles)
+                except (*_SESSION_GONE, *_LOGIN_GONE) as e:
+                    if isinstance(e, _SESSION_GONE):
+                        shared.forget()
+                    else:
+                        shared.end()
                     if attempt:
                         raise KeyStoreError(
                             f"lost the session with the PKCS#11 token {self._where} while {what}",
@@ -549,9 +616,24 @@ class Pkcs11KeyStore:
             raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
-        """End the session (and the login). The key store reopens one if it is used again."""
+        """Release the session; the last key store on the token to close ends it (and the login).
+
+        The key store attaches again if it is used after this.
+        """
         with self._lock:
-            self._drop_session_locked()
+            shared, key = self._shared, self._shared_key
+            self._shared = self._shared_key = None
+        if shared is None or key is None:
+            return
+        # Both locks, so no other store can attach to the session being ended.
+        with _SESSIONS_LOCK:
+            shared.users -= 1
+            if shared.users > 0:
+                return
+            if _SESSIONS.get(key) is shared:
+                del _SESSIONS[key]
+            with shared.lock:
+                shared.end()
 
     def __enter__(self) -> Pkcs11KeyStore:
         return self
@@ -563,12 +645,25 @@ class Pkcs11KeyStore:
 
     def exists(self, label: str) -> bool:
         check_label(label)
-        return self._run(f"looking for the key {label!r}", lambda s: bool(_private_keys(s, label)))
+
+        def op(session: Session, handles: dict[bytes, SignMixin]) -> bool:
+            if _private_keys(session, label):
+                return True
+            # Without a login private objects are invisible, and a half-finished delete leaves the public half:
+            # either way "no such key" would be a lie, and the CA might then generate a new root key.
+            if list(session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: label})):
+                raise KeyStoreError(
+                    f"only the public half of the key {label!r} is on the PKCS#11 token {self._where}",
+                    hint="was a delete interrupted? remove the leftover public key, or check the token login",
+                )
+            return False
+
+        return self._run(f"looking for the key {label!r}", op)
 
     def generate(self, label: str, algorithm: KeyAlgorithm) -> ec.EllipticCurvePrivateKey:
         check_label(label)
 
-        def op(session: Session) -> Pkcs11PrivateKey:
+        def op(session: Session, handles: dict[bytes, SignMixin]) -> Pkcs11PrivateKey:
             if list(session.get_objects({Attribute.LABEL: label})):
                 raise KeyStoreError(f"a key named {label!r} already exists on the PKCS#11 token {self._where}")
             # A random CKA_ID links the two halves; 16 bytes make a collision with other objects on the token
@@ -597,14 +692,14 @@ class Pkcs11KeyStore:
                     Attribute.UNWRAP: False,
                 },
             )
-            return self._key_object(label, private, public)
+            return self._key_object(label, private, public, handles)
 
         return self._run(f"generating the key {label!r}", op)
 
     def load(self, label: str) -> ec.EllipticCurvePrivateKey:
         check_label(label)
 
-        def op(session: Session) -> Pkcs11PrivateKey:
+        def op(session: Session, handles: dict[bytes, SignMixin]) -> Pkcs11PrivateKey:
             found = _private_keys(session, label)
             if not found:
                 raise KeyStoreError(
@@ -622,14 +717,14 @@ class Pkcs11KeyStore:
             )
             if len(publics) != 1 or not isinstance(publics[0], PublicKey):
                 raise KeyStoreError(f"the public half of the key {label!r} is missing on the PKCS#11 token")
-            return self._key_object(label, private, publics[0])
+            return self._key_object(label, private, publics[0], handles)
 
         return self._run(f"loading the key {label!r}", op)
 
     def delete(self, label: str) -> None:
         check_label(label)
 
-        def op(session: Session) -> None:
+        def op(session: Session, handles: dict[bytes, SignMixin]) -> None:
             found = _private_keys(session, label)
             if not found:
                 raise KeyStoreError(f"the key {label!r} is not on the PKCS#11 token {self._where}")
@@ -645,13 +740,15 @@ class Pkcs11KeyStore:
             found[0].destroy()
             for obj in publics:
                 obj.destroy()
-            self._handles.pop(key_id, None)
+            handles.pop(key_id, None)
 
         self._run(f"deleting the key {label!r}", op)
 
     # -- used by Pkcs11PrivateKey ----------------------------------------------------------------------------
 
-    def _key_object(self, label: str, private: Object, public: Object) -> Pkcs11PrivateKey:
+    def _key_object(
+        self, label: str, private: Object, public: Object, handles: dict[bytes, SignMixin]
+    ) -> Pkcs11PrivateKey:
         """Check the private half honours the invariants and wrap it with its public half."""
         attrs = private.get_attributes([Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.KEY_TYPE])
         if attrs.get(Attribute.KEY_TYPE) != KeyType.EC:
@@ -673,14 +770,14 @@ class Pkcs11KeyStore:
             raise KeyStoreError(f"the key {label!r} on the PKCS#11 token is not a P-256 or P-384 key")
         key_id: bytes = private[Attribute.ID]
         if isinstance(private, SignMixin):
-            self._handles[key_id] = private
+            handles[key_id] = private
         return Pkcs11PrivateKey(self, label, key_id, loaded)
 
     def _sign_digest(self, label: str, key_id: bytes, digest: bytes) -> bytes:
         """Raw ECDSA (CKM_ECDSA) over a digest; returns r||s as the token gives it."""
 
-        def op(session: Session) -> bytes:
-            key = self._handles.get(key_id)
+        def op(session: Session, handles: dict[bytes, SignMixin]) -> bytes:
+            key = handles.get(key_id)
             if key is None:
                 found = list(
                     session.get_objects(
@@ -693,7 +790,7 @@ class Pkcs11KeyStore:
                 )
                 if len(found) != 1 or not isinstance(found[0], SignMixin):
                     raise KeyStoreError(f"the key {label!r} is no longer on the PKCS#11 token {self._where}")
-                key = self._handles[key_id] = found[0]
+                key = handles[key_id] = found[0]
             return key.sign(digest, mechanism=Mechanism.ECDSA)
 
         return self._run(f"signing with the key {label!r}", op)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Row, and_, func, insert, select, update
@@ -366,24 +366,32 @@ class AuditRepository:
 
     def records(
         self, *, since_seq: int = 0, since_time: dt.datetime | None = None, limit: int | None = None
-    ) -> Iterator[AuditRecord]:
+    ) -> Generator[AuditRecord, None, None]:
         query = select(audit_log).where(audit_log.c.seq > since_seq).order_by(audit_log.c.seq)
         if since_time is not None:
             query = query.where(audit_log.c.time >= since_time)
         if limit is not None:
             query = query.limit(limit)
-        for r in self._c.execute(query.execution_options(yield_per=5_000)):
-            yield AuditRecord(
-                seq=int(r.seq),
-                time=r.time,
-                actor=r.actor,
-                action=r.action,
-                target=r.target,
-                outcome=r.outcome,
-                details=json.loads(r.details),
-                prev_hash=r.prev_hash,
-                hash=r.hash,
-            )
+        result = self._c.execute(query.execution_options(yield_per=5_000))
+        try:
+            yield from (self._record(r) for r in result)
+        finally:
+            # A reader that stops early (verification failed) must not leave a server-side cursor open.
+            result.close()
+
+    @staticmethod
+    def _record(r: Row[Any]) -> AuditRecord:
+        return AuditRecord(
+            seq=int(r.seq),
+            time=r.time,
+            actor=r.actor,
+            action=r.action,
+            target=r.target,
+            outcome=r.outcome,
+            details=json.loads(r.details),
+            prev_hash=r.prev_hash,
+            hash=r.hash,
+        )
 
 
 class CounterRepository:
