@@ -22,6 +22,7 @@ from warden.core import (
 from warden.hub import Hub
 from warden.pki import RevocationReason
 from warden.registry import CertificateStatus, DeviceState
+from warden.store import SCHEMA_REVISION
 from warden.store._tables import metadata
 
 
@@ -43,6 +44,12 @@ def test_migrated_schema_matches_tables(hub: Hub) -> None:
     with hub.db.engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), metadata)
     assert diff == []
+
+
+def test_schema_revision_is_alembics_head(hub: Hub) -> None:
+    assert hub.db.head_revision() == SCHEMA_REVISION
+    assert hub.db.current_revision() == SCHEMA_REVISION
+    assert hub.db.revision() == SCHEMA_REVISION
 
 
 def test_devices_groups_and_filters(hub: Hub) -> None:
