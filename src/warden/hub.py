@@ -323,6 +323,7 @@ def initialise(
     fleet_domain: str,
     key_store: str = "file",
     key_algorithm: str = "P-256",
+    public_url: str = "",
     actor: str,
     clock: Clock | None = None,
     random: Random | None = None,
@@ -343,9 +344,15 @@ def initialise(
     existing = load_settings(data_dir)
     if existing.initialised:
         raise AlreadyExistsError(f"{data_dir} is initialised already", hint="use another --data-dir")
-    settings = load_settings(
-        data_dir, org=org, fleet_domain=fleet_domain, key_store=key_store, key_algorithm=algorithm.value
-    )
+    overrides: dict[str, str] = {
+        "org": org,
+        "fleet_domain": fleet_domain,
+        "key_store": key_store,
+        "key_algorithm": algorithm.value,
+    }
+    if public_url:
+        overrides["public_url"] = public_url
+    settings = load_settings(data_dir, **overrides)
     with _undo_on_failure(data_dir) as undo:
         for sub in ("", "keys", "ca", "audit"):
             (data_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -380,8 +387,11 @@ def initialise(
         values: dict[str, object] = {"org": org, "fleet_domain": fleet_domain, "key_store": persisted_store}
         if algorithm is not KeyAlgorithm.P256:
             values["key_algorithm"] = algorithm.value
-        if settings.database_url:
-            values["database_url"] = settings.database_url
+        # Settings that shape what is issued or where state lives are pinned in the settings file, so that later
+        # commands do not depend on the environment they happen to run in.
+        for name in ("database_url", "public_url"):
+            if getattr(settings, name):
+                values[name] = getattr(settings, name)
         with Hub(settings, clock=clock, random=random) as hub:
             hub._store = store
             hub.checkpoint_key.create()

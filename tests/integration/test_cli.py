@@ -302,3 +302,15 @@ def test_help_everywhere(cli: Cli) -> None:
         result = cli(group, "--help")
         assert result.code == 0
         assert "Usage" in result.out
+
+
+def test_public_url_is_pinned_at_init(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WARDEN_PUBLIC_URL", raising=False)
+    cli.ok("init", "--org", "Acme", "--fleet-domain", "fleet.acme.test", "--public-url", "https://hub.fleet.acme.test/")
+    assert 'public_url = "https://hub.fleet.acme.test"' in (cli.data_dir / "warden.toml").read_text()
+    cli.ok("device", "add", "dev-1")
+    out = tmp_path / "d.pem"
+    cli.ok("cert", "sign", "--device", "dev-1", "--csr", write(tmp_path / "c", make_csr()), "--out", out)
+    cert = x509.load_pem_x509_certificate(out.read_bytes())
+    cdp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert cdp[0].full_name == [x509.UniformResourceIdentifier("https://hub.fleet.acme.test/pki/crl")]

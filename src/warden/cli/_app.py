@@ -149,6 +149,9 @@ def init(
         str, typer.Option("--key-store", help="'file' (encrypted PKCS#8) or an RFC 7512 'pkcs11:' URI.")
     ] = "file",
     key_algorithm: Annotated[str, typer.Option("--key-algorithm", help="P-256 or P-384.")] = "P-256",
+    public_url: Annotated[
+        str, typer.Option("--public-url", help="Base URL of the hub; puts CRL and OCSP URLs into certificates.")
+    ] = "",
 ) -> None:
     """Create the data directory: settings, database, root and issuing CA, audit log."""
     result = initialise(
@@ -157,6 +160,7 @@ def init(
         fleet_domain=fleet_domain,
         key_store=key_store,
         key_algorithm=key_algorithm,
+        public_url=public_url,
         actor=_actor(),
     )
     for name in _SECRET_ENV:

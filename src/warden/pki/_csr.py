@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtensionOID
@@ -82,9 +83,7 @@ def parse_csr(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> CertificateSig
 def _check_key(csr: x509.CertificateSigningRequest, limits: Limits) -> PublicKey:
     try:
         key = csr.public_key()
-    except (ValueError, x509.UnsupportedGeneralNameType) as e:
-        raise CSRRejectedError("the CSR's public key is of an unsupported type", hint=_KEY_HINT) from e
-    except Exception as e:  # cryptography raises UnsupportedAlgorithm for unknown curves and key types
+    except (ValueError, UnsupportedAlgorithm) as e:
         raise CSRRejectedError("the CSR's public key is of an unsupported type", hint=_KEY_HINT) from e
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, _ACCEPTED_CURVES):
@@ -111,7 +110,10 @@ _KEY_HINT = "use EC P-256 or P-384, Ed25519, or RSA of 2048 bits or more"
 
 
 def _check_signature(csr: x509.CertificateSigningRequest) -> None:
-    algorithm = csr.signature_hash_algorithm
+    try:
+        algorithm = csr.signature_hash_algorithm
+    except UnsupportedAlgorithm as e:
+        raise CSRRejectedError("the CSR's signature algorithm is not supported", hint=_KEY_HINT) from e
     if algorithm is not None and not isinstance(algorithm, _ACCEPTED_HASHES):
         raise CSRRejectedError(
             f"the CSR is signed with {algorithm.name}, which is not accepted",
