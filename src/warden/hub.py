@@ -13,7 +13,7 @@ import logging
 import secrets
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -59,7 +59,8 @@ from warden.store import Database, GroupCommitter
 __all__ = ["Hub", "HubCA", "initialise"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+ItemT = TypeVar("ItemT")
+R = TypeVar("R")
 
 PASSPHRASE_FILE = "keys/ca-passphrase"  # noqa: S105 - a file name, not a secret
 
@@ -235,11 +236,11 @@ class Hub:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _write(self, fn: Callable[[RegistryUnitOfWork], T]) -> T:
+    def _write(self, fn: Callable[[RegistryUnitOfWork, Sequence[ItemT]], Sequence[R]], item: ItemT) -> R:
         if self._committer is not None:
-            return self._committer.run(fn)
+            return self._committer.run(fn, item)
         with self.db.transaction() as uow:
-            return fn(uow)
+            return fn(uow, [item])[0]
 
     def passphrase(self) -> bytes | None:
         if self._passphrase_cache is None:

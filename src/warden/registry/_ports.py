@@ -4,7 +4,7 @@ tests may pass in-memory fakes for pure logic."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol, TypeVar
 
@@ -26,7 +26,8 @@ __all__ = [
     "Writer",
 ]
 
-T = TypeVar("T")
+ItemT = TypeVar("ItemT")
+R = TypeVar("R")
 
 
 class DeviceStore(Protocol):
@@ -34,6 +35,7 @@ class DeviceStore(Protocol):
     def insert(self, device: Device) -> None: ...
     def get(self, device_id: str) -> Device | None: ...
     def state(self, device_id: str) -> DeviceState | None: ...
+    def states(self, device_ids: Iterable[str]) -> dict[str, DeviceState]: ...
     def find(
         self,
         *,
@@ -44,6 +46,7 @@ class DeviceStore(Protocol):
         after: str | None = None,
     ) -> list[Device]: ...
     def set_state(self, device_id: str, state: DeviceState, now: dt.datetime) -> None: ...
+    def set_states(self, device_ids: Iterable[str], state: DeviceState, now: dt.datetime) -> None: ...
     def set_onboarding_fingerprint(self, device_id: str, fingerprint: str | None, now: dt.datetime) -> None: ...
 
 
@@ -57,6 +60,7 @@ class GroupStore(Protocol):
 
 class CertificateStore(Protocol):
     def insert(self, record: CertificateRecord) -> None: ...
+    def insert_many(self, records: Sequence[CertificateRecord]) -> None: ...
     def get(self, serial: int) -> CertificateRecord | None: ...
     def find(
         self, *, device_id: str | None = None, status: CertificateStatus | None = None
@@ -89,9 +93,11 @@ class Transactions(Protocol):
 
 
 class Writer(Protocol):
-    """Runs ``fn`` in a write transaction and returns its result once that transaction has committed."""
+    """Records ``item`` with ``fn`` in a write transaction and returns ``fn``'s result for it once that transaction
+    has committed. ``fn`` takes a batch: a writer may hand it many items that arrived together (group commit), and
+    must hand each failing batch's items to it again one by one, so one bad item fails alone."""
 
-    def __call__(self, fn: Callable[[RegistryUnitOfWork], T]) -> T: ...
+    def __call__(self, fn: Callable[[RegistryUnitOfWork, Sequence[ItemT]], Sequence[R]], item: ItemT) -> R: ...
 
 
 class CAProvider(Protocol):

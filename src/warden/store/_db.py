@@ -15,7 +15,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +31,7 @@ __all__ = ["SCHEMA_REVISION", "Database", "GroupCommitter"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 #: the newest migration; a test checks that it is Alembic's head
@@ -168,19 +169,24 @@ def _integrity_error(e: IntegrityError) -> WardenError:
 
 
 class _Work:
-    __slots__ = ("fn", "future")
+    __slots__ = ("fn", "future", "item")
 
-    def __init__(self, fn: Callable[[UnitOfWork], Any]) -> None:
+    def __init__(self, fn: Callable[[UnitOfWork, Sequence[Any]], Sequence[Any]], item: Any) -> None:
         self.fn = fn
+        self.item = item
         self.future: Future[Any] = Future()
 
 
 class GroupCommitter:
-    """Runs units of work from many threads in shared transactions: one commit (one fsync) for every request that
-    arrived while the previous commit was running. Each request runs in its own savepoint, so one that fails is
-    rolled back alone; every caller returns only after the transaction holding its work has committed."""
+    """Records work from many threads in shared transactions: one commit (one fsync) for every request that arrived
+    while the previous commit was running.
 
-    def __init__(self, database: Database, *, max_batch: int = 256) -> None:
+    A request is ``(fn, item)``, where ``fn`` records a *batch* of items: the committer hands each ``fn`` all the
+    items queued for it at once, in a savepoint. If that batch fails, its items are run again one by one, each in
+    its own savepoint, so a bad item fails alone. Every caller returns only after the transaction holding its work
+    has committed (or raises what failed)."""
+
+    def __init__(self, database: Database, *, max_batch: int = 512) -> None:
         self._db = database
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
@@ -189,10 +195,10 @@ class GroupCommitter:
         self.commits = 0
         self.requests = 0
 
-    def run(self, fn: Callable[[UnitOfWork], T]) -> T:
-        work = _Work(fn)
+    def run(self, fn: Callable[[UnitOfWork, Sequence[T]], Sequence[R]], item: T) -> R:
+        work = _Work(fn, item)
         self._queue.put(work)
-        result: T = work.future.result()
+        result: R = work.future.result()
         return result
 
     def close(self) -> None:
@@ -220,23 +226,45 @@ class GroupCommitter:
                 return
 
     def _commit(self, batch: list[_Work]) -> None:
-        results: list[tuple[_Work, bool, Any]] = []
+        groups: dict[Callable[[UnitOfWork, Sequence[Any]], Sequence[Any]], list[_Work]] = {}
+        for work in batch:
+            groups.setdefault(work.fn, []).append(work)
+        outcomes: list[tuple[_Work, bool, Any]] = []
         try:
             with self._db.transaction() as uow:
-                for work in batch:
-                    try:
-                        with uow.savepoint():
-                            results.append((work, True, work.fn(uow)))
-                    except Exception as e:  # the failing request alone is rolled back and told why
-                        results.append((work, False, e))
+                for fn, works in groups.items():
+                    outcomes.extend(_run_group(uow, fn, works))
         except Exception as e:  # the commit itself failed: nobody's work is durable
             for work in batch:
                 work.future.set_exception(e)
             return
         self.commits += 1
         self.requests += len(batch)
-        for work, ok, value in results:
+        for work, ok, value in outcomes:
             if ok:
                 work.future.set_result(value)
             else:
                 work.future.set_exception(value)
+
+
+def _run_group(
+    uow: UnitOfWork, fn: Callable[[UnitOfWork, Sequence[Any]], Sequence[Any]], works: list[_Work]
+) -> list[tuple[_Work, bool, Any]]:
+    try:
+        with uow.savepoint():
+            results = fn(uow, [w.item for w in works])
+            if len(results) != len(works):
+                raise RuntimeError(f"{fn!r} returned {len(results)} results for {len(works)} items")
+        return [(w, True, r) for w, r in zip(works, results, strict=True)]
+    except Exception as e:
+        if len(works) == 1:
+            return [(works[0], False, e)]
+    # The batch failed as a whole: find the bad items by recording each alone.
+    outcomes: list[tuple[_Work, bool, Any]] = []
+    for work in works:
+        try:
+            with uow.savepoint():
+                outcomes.append((work, True, fn(uow, [work.item])[0]))
+        except Exception as e:  # this item alone is rolled back and its caller told why
+            outcomes.append((work, False, e))
+    return outcomes

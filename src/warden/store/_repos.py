@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, func, insert, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, func, insert, select, update
 
 from warden.core import AlreadyExistsError, StorageError
 from warden.monitor import GENESIS_HASH, AuditRecord, Checkpoint
@@ -26,6 +26,20 @@ from warden.store._tables import (
 )
 
 __all__ = ["UnitOfWork"]
+
+# Statements on the issuing path are built once: SQLAlchemy memoises a statement's cache key on the statement
+# object, so re-using it skips the construction and cache-key work that otherwise dominates a small transaction.
+_DEVICE_STATES = select(devices.c.id, devices.c.state).where(devices.c.id.in_(bindparam("ids", expanding=True)))
+_SET_DEVICE_STATES = (
+    update(devices)
+    .where(devices.c.id.in_(bindparam("ids", expanding=True)))
+    .values(state=bindparam("new_state"), updated_at=bindparam("now"))
+)
+_INSERT_CERTIFICATE = insert(certificates)
+_INSERT_AUDIT = insert(audit_log)
+_HEAD = select(audit_head.c.seq, audit_head.c.hash, audit_head.c.last_checkpoint_seq).where(audit_head.c.id == 1)
+_HEAD_FOR_UPDATE = _HEAD.with_for_update()
+_MOVE_HEAD = update(audit_head).where(audit_head.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
 
 
 def _serial_key(serial: int) -> str:
@@ -101,6 +115,14 @@ class DeviceRepository:
         value = self._c.execute(select(devices.c.state).where(devices.c.id == device_id)).scalar()
         return DeviceState(value) if value is not None else None
 
+    def states(self, device_ids: Iterable[str]) -> dict[str, DeviceState]:
+        ids = list(device_ids)
+        result: dict[str, DeviceState] = {}
+        for start in range(0, len(ids), 500):
+            rows = self._c.execute(_DEVICE_STATES, {"ids": ids[start : start + 500]})
+            result.update((row.id, DeviceState(row.state)) for row in rows)
+        return result
+
     def find(
         self,
         *,
@@ -164,6 +186,15 @@ class DeviceRepository:
     def set_state(self, device_id: str, state: DeviceState, now: dt.datetime) -> None:
         self._c.execute(update(devices).where(devices.c.id == device_id).values(state=str(state), updated_at=now))
 
+    def set_states(self, device_ids: Iterable[str], state: DeviceState, now: dt.datetime) -> None:
+        ids = list(device_ids)
+        for start in range(0, len(ids), 500):
+            self._c.execute(
+                update(devices)
+                .where(devices.c.id.in_(ids[start : start + 500]))
+                .values(state=str(state), updated_at=now)
+            )
+
     def set_onboarding_fingerprint(self, device_id: str, fingerprint: str | None, now: dt.datetime) -> None:
         self._c.execute(
             update(devices).where(devices.c.id == device_id).values(onboarding_fingerprint=fingerprint, updated_at=now)
@@ -222,22 +253,31 @@ class CertificateRepository:
         self._c = connection
 
     def insert(self, record: CertificateRecord) -> None:
+        self.insert_many([record])
+
+    def insert_many(self, records: Sequence[CertificateRecord]) -> None:
+        if not records:
+            return
         self._c.execute(
-            insert(certificates).values(
-                serial=_serial_key(record.serial),
-                device_id=record.device_id,
-                common_name=record.common_name,
-                profile=record.profile,
-                not_before=record.not_before,
-                not_after=record.not_after,
-                fingerprint=record.fingerprint,
-                key_fingerprint=record.key_fingerprint,
-                status=str(record.status),
-                issued_at=record.issued_at,
-                revoked_at=record.revoked_at,
-                revocation_reason=record.revocation_reason,
-                pem=record.pem,
-            )
+            _INSERT_CERTIFICATE,
+            [
+                {
+                    "serial": _serial_key(record.serial),
+                    "device_id": record.device_id,
+                    "common_name": record.common_name,
+                    "profile": record.profile,
+                    "not_before": record.not_before,
+                    "not_after": record.not_after,
+                    "fingerprint": record.fingerprint,
+                    "key_fingerprint": record.key_fingerprint,
+                    "status": str(record.status),
+                    "issued_at": record.issued_at,
+                    "revoked_at": record.revoked_at,
+                    "revocation_reason": record.revocation_reason,
+                    "pem": record.pem,
+                }
+                for record in records
+            ],
         )
 
     def get(self, serial: int) -> CertificateRecord | None:
@@ -299,12 +339,7 @@ class AuditRepository:
         self.cached_head: tuple[int, str, int] | None = None
 
     def _select_head(self, *, lock: bool) -> tuple[int, str, int]:
-        query = select(audit_head.c.seq, audit_head.c.hash, audit_head.c.last_checkpoint_seq).where(
-            audit_head.c.id == 1
-        )
-        if lock:
-            query = query.with_for_update()
-        row = self._c.execute(query).first()
+        row = self._c.execute(_HEAD_FOR_UPDATE if lock else _HEAD).first()
         if row is None:
             raise StorageError("the audit head row is missing", hint="the database was not migrated by Warden")
         return (int(row.seq), row.hash, int(row.last_checkpoint_seq))
@@ -325,7 +360,7 @@ class AuditRepository:
             return
         _, _, last_checkpoint = self.lock_head()
         self._c.execute(
-            insert(audit_log),
+            _INSERT_AUDIT,
             [
                 {
                     "seq": r.seq,
@@ -342,7 +377,7 @@ class AuditRepository:
             ],
         )
         last = records[-1]
-        self._c.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=last.seq, hash=last.hash))
+        self._c.execute(_MOVE_HEAD, {"new_seq": last.seq, "new_hash": last.hash})
         self.cached_head = (last.seq, last.hash, last_checkpoint)
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> None:
