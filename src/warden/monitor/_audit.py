@@ -31,6 +31,7 @@ __all__ = [
     "AuditRecord",
     "Checkpoint",
     "VerifyReport",
+    "canonical_details",
     "chain_records",
     "checkpoint_payload",
     "record_hash",
@@ -72,6 +73,8 @@ class AuditRecord:
     details: Mapping[str, object]
     prev_hash: str
     hash: str
+    #: the canonical JSON text of ``details`` that was hashed (what storage keeps)
+    details_json: str = field(default="", compare=False, repr=False)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -139,8 +142,14 @@ def record_hash(
     outcome: str,
     details: Mapping[str, object],
 ) -> str:
+    return _hash(prev_hash, seq, time, actor, action, target, outcome, canonical_details(details))
+
+
+def _hash(
+    prev_hash: str, seq: int, time: dt.datetime, actor: str, action: str, target: str, outcome: str, details_json: str
+) -> str:
     body = json.dumps(
-        [seq, _time_text(time), actor, action, target, outcome, canonical_details(details), prev_hash],
+        [seq, _time_text(time), actor, action, target, outcome, details_json, prev_hash],
         separators=(",", ":"),
         ensure_ascii=False,
     )
@@ -153,20 +162,12 @@ def chain_records(head: tuple[int, str], events: Sequence[AuditEvent], now: dt.d
     records: list[AuditRecord] = []
     for event in events:
         seq += 1
-        # Round-trip the details through JSON now, so what is hashed is exactly what storage gives back.
-        details = json.loads(canonical_details(event.details))
-        digest = record_hash(
-            prev_hash=prev,
-            seq=seq,
-            time=now,
-            actor=event.actor,
-            action=event.action,
-            target=event.target,
-            outcome=event.outcome,
-            details=details,
-        )
+        text = canonical_details(event.details)
+        # Parse the text back, so the record holds exactly what storage will give back (tuples become lists).
+        details = json.loads(text)
+        digest = _hash(prev, seq, now, event.actor, event.action, event.target, event.outcome, text)
         records.append(
-            AuditRecord(seq, now, event.actor, event.action, event.target, event.outcome, details, prev, digest)
+            AuditRecord(seq, now, event.actor, event.action, event.target, event.outcome, details, prev, digest, text)
         )
         prev = digest
     return records

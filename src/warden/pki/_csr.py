@@ -69,7 +69,7 @@ def parse_csr(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> CertificateSig
             csr = x509.load_pem_x509_csr(data.strip())
         else:
             csr = x509.load_der_x509_csr(data)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as e:
         raise CSRRejectedError(
             "the CSR could not be parsed", hint="pass a complete PKCS#10 request in PEM or DER"
         ) from e

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, and_, bindparam, func, insert, select, update
 
 from warden.core import AlreadyExistsError, StorageError
-from warden.monitor import GENESIS_HASH, AuditRecord, Checkpoint
+from warden.monitor import GENESIS_HASH, AuditRecord, Checkpoint, canonical_details
 from warden.registry import CertificateRecord, CertificateStatus, Device, DeviceGroup, DeviceState
 from warden.store._tables import (
     audit_checkpoints,
@@ -369,7 +369,7 @@ class AuditRepository:
                     "action": r.action,
                     "target": r.target,
                     "outcome": r.outcome,
-                    "details": json.dumps(dict(r.details), sort_keys=True, separators=(",", ":")),
+                    "details": r.details_json or canonical_details(r.details),
                     "prev_hash": r.prev_hash,
                     "hash": r.hash,
                 }
