@@ -213,8 +213,16 @@ class Hub:
         )
 
     @classmethod
-    def open(cls, settings: Settings, **kwargs: object) -> Hub:
-        hub = cls(settings, **kwargs)  # type: ignore[arg-type]
+    def open(
+        cls,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        random: Random | None = None,
+        group_commit: bool = False,
+    ) -> Hub:
+        """A hub on an initialised data directory whose database schema is current."""
+        hub = cls(settings, clock=clock, random=random, group_commit=group_commit)
         try:
             hub.db.ensure_current()
         except BaseException:
@@ -371,6 +379,7 @@ def initialise(
         finally:
             db.dispose()
         store = open_key_store(settings, lambda: read_passphrase(settings))
+        undo.append(store.close)
         undo.append(lambda: _delete_keys(store))
         now = clock.now()
         hierarchy = create_hierarchy(

@@ -3,7 +3,7 @@ transaction."""
 
 from __future__ import annotations
 
-import datetime as dt
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 from warden.core import (
@@ -165,7 +165,7 @@ class DeviceService:
                         )
                     )
             self._audit.append(uow, *events)
-            return _replace_state(device, target, now)
+            return dataclasses.replace(device, state=target, updated_at=now)
 
     def rebind_onboarding(self, device_id: str, fingerprint: str, *, actor: str, reason: str) -> Device:
         """Bind a device to a new onboarding identity (after a repair): explicit and audited."""
@@ -195,16 +195,3 @@ def _must_get(uow: RegistryUnitOfWork, device_id: str) -> Device:
     if device is None:
         raise NotFoundError(f"no device with id {device_id!r}", hint="see 'warden device list'")
     return device
-
-
-def _replace_state(device: Device, state: DeviceState, now: dt.datetime) -> Device:
-    return Device(
-        id=device.id,
-        display_name=device.display_name,
-        state=state,
-        created_at=device.created_at,
-        updated_at=now,
-        tags=device.tags,
-        groups=device.groups,
-        onboarding_fingerprint=device.onboarding_fingerprint,
-    )
