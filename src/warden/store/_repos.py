@@ -189,11 +189,7 @@ class DeviceRepository:
     def set_states(self, device_ids: Iterable[str], state: DeviceState, now: dt.datetime) -> None:
         ids = list(device_ids)
         for start in range(0, len(ids), 500):
-            self._c.execute(
-                update(devices)
-                .where(devices.c.id.in_(ids[start : start + 500]))
-                .values(state=str(state), updated_at=now)
-            )
+            self._c.execute(_SET_DEVICE_STATES, {"ids": ids[start : start + 500], "new_state": str(state), "now": now})
 
     def set_onboarding_fingerprint(self, device_id: str, fingerprint: str | None, now: dt.datetime) -> None:
         self._c.execute(
