@@ -346,7 +346,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--count", type=int, default=2000, help="certificates per hub run (default 2000)")
     parser.add_argument("--bare-count", type=int, default=2000, help="certificates per pass for (a) (default 2000)")
-    parser.add_argument("--threads", default="1,4,8,16,32", help="thread counts for group commit (default 1,4,8,16,32)")
+    parser.add_argument(
+        "--threads", default="1,8,32,64,128", help="thread counts for group commit (default 1,8,32,64,128)"
+    )
     parser.add_argument("--crl-entries", type=int, default=100_000, help="revoked entries for (c) and (d)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each (b) setting; the best is reported")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions of (c) and (d); the median is reported")
