@@ -23,7 +23,13 @@ from warden.pki._castore import (
     key_csr,
 )
 from warden.pki._crl import RevokedEntry, build_crl
-from warden.pki._csr import CertificateSigningRequest, PublicKey, parse_csr, public_key_fingerprint
+from warden.pki._csr import (
+    CertificateSigningRequest,
+    PublicKey,
+    check_csr_size,
+    parse_csr,
+    public_key_fingerprint,
+)
 from warden.pki._keystore import FileKeyStore, KeyAlgorithm, KeyStore, load_encrypted_key
 from warden.pki._ocsp import CertificateStatus, OCSPAnswer, OCSPResponder, StatusLookup, parse_ocsp_request
 from warden.pki._pkcs11 import Pkcs11KeyStore, Pkcs11PrivateKey, Pkcs11Uri, parse_pkcs11_uri
@@ -58,6 +64,7 @@ __all__ = [
     "build_crl",
     "build_issuing_ca",
     "build_root_ca",
+    "check_csr_size",
     "create_hierarchy",
     "hash_for",
     "key_csr",

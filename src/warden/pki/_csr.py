@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtensionOID
 
 from warden.core import DEFAULT_LIMITS, CSRRejectedError, Limits
 
-__all__ = ["CertificateSigningRequest", "PublicKey", "parse_csr", "public_key_fingerprint"]
+__all__ = ["CertificateSigningRequest", "PublicKey", "check_csr_size", "parse_csr", "public_key_fingerprint"]
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
@@ -52,8 +52,8 @@ def public_key_fingerprint(key: PublicKey) -> str:
     return hashlib.sha256(spki).hexdigest()
 
 
-def parse_csr(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> CertificateSigningRequest:
-    """Parse a PEM or DER CSR, verify its signature and key; raise :class:`CSRRejectedError` on anything else."""
+def check_csr_size(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Refuse what cannot be a CSR by its size alone: not bytes, empty, or over the limit."""
     if not isinstance(data, bytes | bytearray):
         raise CSRRejectedError("a CSR must be bytes")
     if len(data) == 0:
@@ -63,6 +63,11 @@ def parse_csr(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> CertificateSig
             f"the CSR is {len(data)} bytes, more than the limit of {limits.max_csr_bytes}",
             hint="a PKCS#10 request is normally under 2 KiB",
         )
+
+
+def parse_csr(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> CertificateSigningRequest:
+    """Parse a PEM or DER CSR, verify its signature and key; raise :class:`CSRRejectedError` on anything else."""
+    check_csr_size(data, limits=limits)
     data = bytes(data)
     try:
         if data.lstrip().startswith(b"-----BEGIN"):

@@ -1,9 +1,10 @@
 """Certificate use cases: issue from a CSR, renew, revoke, publish the CRL, answer OCSP.
 
-Flow of an issuance: parse and verify the CSR (no database), check the device may get a certificate (a read),
-sign (no database), then record the certificate and its audit record in one write, which re-checks the device's
-state so a device disabled meanwhile never gets a recorded certificate. The write goes through a :class:`Writer`:
-one transaction per call, or a group commit that shares one durable commit between concurrent requests.
+Flow of an issuance: the caller's thread validates what is cheap (device id, profile, CSR size) and hands the
+request to a :class:`Writer`. In one write transaction the writer verifies the CSR, checks the device may get a
+certificate (refusals are audited), signs, and records the certificate and its audit records; the caller gets the
+certificate only after that transaction has committed. The writer runs one transaction per call, or a group
+commit that verifies, signs and records every request queued meanwhile in one transaction (docs/adr/0003).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from warden.pki import (
     RevocationReason,
     RevokedEntry,
     build_crl,
+    check_csr_size,
     key_csr,
     new_serial,
     parse_csr,
@@ -199,9 +201,8 @@ class CertificateService:
         renew: bool = False,
         revoke_superseded: bool = False,
     ) -> IssuedCertificate:
-        if len(csr) > self._policy.limits.max_csr_bytes:
-            # Checked here too, so an oversized request never reaches the writer's queue.
-            parse_csr(csr, limits=self._policy.limits)
+        # An oversized request never reaches the writer's queue.
+        check_csr_size(csr, limits=self._policy.limits)
         pending = _PendingIssue(
             csr=csr,
             profile=profile,
