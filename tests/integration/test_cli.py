@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import Cli, make_csr, openssl
 
@@ -83,6 +84,14 @@ def test_walkthrough(initialised_cli: Cli, tmp_path: Path) -> None:
     assert len(json.loads(cli.ok("audit", "list", "--since", "1h", "--json"))) == len(actions)
 
 
+def _tampered() -> bytes:
+    """A CSR whose signed part was changed after signing: its signature no longer verifies."""
+    der = bytearray(x509.load_pem_x509_csr(make_csr()).public_bytes(serialization.Encoding.DER))
+    index = bytes(der).index(b"requested-name")
+    der[index] ^= 0x01
+    return bytes(der)
+
+
 BAD_CSRS = [
     ("empty", b"", "empty"),
     ("garbage", b"hello", "could not be parsed"),
@@ -90,6 +99,7 @@ BAD_CSRS = [
     ("oversized", b"-----BEGIN CERTIFICATE REQUEST-----\n" + b"A" * 17_000, "larger than the limit"),
     ("rsa-1024", make_csr("rsa1024"), "fewer than 2048"),
     ("p-521", make_csr("p521"), "unsupported curve"),
+    ("bad signature", _tampered(), "does not verify"),
 ]
 
 
