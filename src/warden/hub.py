@@ -133,17 +133,23 @@ class HubCA:
             )
         return self._authority
 
-    def ocsp_signer(self) -> tuple[x509.Certificate | None, ec.EllipticCurvePrivateKey]:
+    def ocsp_signer(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
         store = self._key_store()
+        if not self.files.path(OCSP_SIGNER_KEY).exists() or not store.exists(OCSP_SIGNER_KEY):
+            return None
         if self._ocsp_key is None:
-            if store.exists(OCSP_SIGNER_KEY):
-                self._ocsp_key = store.load(OCSP_SIGNER_KEY)
-            else:
-                self._ocsp_key = store.generate(OCSP_SIGNER_KEY, KeyAlgorithm(self._settings.key_algorithm))
-        certificate = self.files.read(OCSP_SIGNER_KEY) if self.files.path(OCSP_SIGNER_KEY).exists() else None
-        if certificate is not None and certificate.public_key() != self._ocsp_key.public_key():
-            certificate = None  # a signer certificate for another key is useless: issue a new one
+            self._ocsp_key = store.load(OCSP_SIGNER_KEY)
+        certificate = self.files.read(OCSP_SIGNER_KEY)
+        if certificate.public_key() != self._ocsp_key.public_key():
+            return None  # a signer certificate for another key is useless: a new pair is made
         return certificate, self._ocsp_key
+
+    def new_ocsp_signer_key(self) -> ec.EllipticCurvePrivateKey:
+        store = self._key_store()
+        if store.exists(OCSP_SIGNER_KEY):
+            store.delete(OCSP_SIGNER_KEY)
+        self._ocsp_key = store.generate(OCSP_SIGNER_KEY, KeyAlgorithm(self._settings.key_algorithm))
+        return self._ocsp_key
 
     def store_ocsp_signer(self, certificate: x509.Certificate) -> None:
         self.files.write(OCSP_SIGNER_KEY, certificate)
@@ -380,6 +386,13 @@ def initialise(
             db.dispose()
         store = open_key_store(settings, lambda: read_passphrase(settings))
         undo.append(store.close)
+        existing_keys = [label for label in (ROOT_KEY, ISSUING_KEY, OCSP_SIGNER_KEY) if store.exists(label)]
+        if existing_keys:
+            # Checked before any undo is registered: a refused init must never delete keys it did not make.
+            raise KeyStoreError(
+                f"the key store already holds a key named {existing_keys[0]!r}",
+                hint="use a fresh data directory or token, or remove the old hub's keys first",
+            )
         undo.append(lambda: _delete_keys(store))
         now = clock.now()
         hierarchy = create_hierarchy(

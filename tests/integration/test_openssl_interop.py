@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.conftest import Cli, openssl
+from warden.registry import format_serial
 
 FLEET = "fleet.acme.test"
 
@@ -199,7 +200,7 @@ def test_der_crl_parses_and_verifies_with_openssl(initialised_cli: Cli, tmp_path
     text = proc.stdout.decode()
     assert "verify OK" in proc.stderr.decode()
     for cert in revoked.values():
-        assert f"Serial Number: {serial_of(cert):X}" in text
+        assert f"Serial Number: {format_serial(serial_of(cert))}" in text
     assert text.count("Key Compromise") == 1
     assert "X509v3 CRL Number" in text
     assert "Issuer: O = Acme Test, CN = Acme Test Warden Issuing CA" in text

@@ -186,7 +186,7 @@ def issue(cli: Cli, tmp_path: Path, profile: str, key: str, label: str) -> tuple
             cli.ok("cert", "sign", "--device", label, "--profile", profile, "--csr", csr, "--out", out, "--json")
         )
     else:
-        name = f"{label}.{FLEET}"
+        name = f"{label}.services.{FLEET}"
         record = json.loads(
             cli.ok("cert", "sign", "--name", name, "--profile", profile, "--csr", csr, "--out", out, "--json")
         )

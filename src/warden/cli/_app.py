@@ -117,6 +117,19 @@ def _read_input(path: Path, limit: int, what: str) -> bytes:
     return read_limited(path, limit, what=what)
 
 
+def _check_out(path: Path) -> Path:
+    """Refuse an output path that cannot be written before anything is issued or recorded: the file is written
+    after the transaction commits, and a certificate must not exist in the registry without its file."""
+    parent = path.absolute().parent
+    if path.is_dir():
+        raise InvalidInputError(f"{path} is a directory", hint="give a file name for --out")
+    if not parent.is_dir():
+        raise InvalidInputError(f"cannot write {path}: its directory does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"cannot write {path}: its directory is not writable")
+    return path
+
+
 def _parse_serial(text: str) -> int:
     cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
     if not re.fullmatch(r"[0-9a-f]{1,42}", cleaned):
@@ -409,6 +422,7 @@ def cert_sign(
         raise InvalidInputError(
             f"unknown profile {profile!r}", hint="use device, gateway, service or hub-client"
         ) from None
+    _check_out(out)
     data = _read_input(csr, DEFAULT_LIMITS.max_csr_bytes, "the CSR")
     if (device is None) == (not name):
         raise InvalidInputError("give either --device ID or --name DNS-NAME")
@@ -435,6 +449,7 @@ def cert_renew(
     as_json: JsonOpt = False,
 ) -> None:
     """Issue a renewed certificate for an active device from a new CSR."""
+    _check_out(out)
     data = _read_input(csr, DEFAULT_LIMITS.max_csr_bytes, "the CSR")
     issued = _hub().certificates.renew(device_id=device, csr=data, actor=_actor(), revoke_superseded=revoke_superseded)
     write_file_atomic(out, issued.pem)
@@ -504,6 +519,7 @@ def crl(
     der: Annotated[bool, typer.Option("--der", help="DER instead of PEM.")] = False,
 ) -> None:
     """Issue a new CRL, signed by the issuing CA."""
+    _check_out(out)
     issued = _hub().certificates.issue_crl(actor=_actor())
     encoding = serialization.Encoding.DER if der else serialization.Encoding.PEM
     write_file_atomic(out, issued.public_bytes(encoding))
@@ -517,6 +533,7 @@ def ocsp_respond(
     out: Annotated[Path, typer.Option("--out", help="Where to write the DER OCSP response.")],
 ) -> None:
     """Answer one OCSP request with a response signed by the delegated OCSP signer."""
+    _check_out(out)
     data = _read_input(request, DEFAULT_LIMITS.max_ocsp_request_bytes, "the OCSP request")
     response = _hub().certificates.ocsp_respond(data, actor=_actor())
     write_file_atomic(out, response)

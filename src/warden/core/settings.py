@@ -7,7 +7,6 @@ Precedence, highest first: ``WARDEN_*`` environment variables, then the settings
 
 from __future__ import annotations
 
-import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from warden.core.errors import ConfigurationError, InvalidInputError
+from warden.core.files import write_private_file
 from warden.core.ids import validate_fleet_domain
 from warden.core.limits import DEFAULT_LIMITS
 
@@ -158,9 +158,5 @@ def write_settings_file(path: Path, values: Mapping[str, object]) -> None:
     """Write a flat TOML settings file atomically (tmp + fsync + rename)."""
     lines = ["# Warden settings. WARDEN_* environment variables override these.\n"]
     lines += [f"{key} = {_toml_value(value)}\n" for key, value in values.items()]
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    # 0600: the database URL may carry a password.
+    write_private_file(path, "".join(lines).encode("utf-8"))

@@ -145,11 +145,13 @@ class CheckpointKey:
         return key
 
     def public_key(self) -> ed25519.Ed25519PublicKey | None:
-        try:
-            data = self.public_path.read_bytes()
-        except FileNotFoundError:
+        if not self.public_path.exists():
             return None
-        key = serialization.load_pem_public_key(data[:4096])
+        data = read_limited(self.public_path, 4096, what="the checkpoint public key")
+        try:
+            key = serialization.load_pem_public_key(data)
+        except ValueError as e:
+            raise AuditIntegrityError(f"{self.public_path} is not a PEM public key") from e
         if not isinstance(key, ed25519.Ed25519PublicKey):
             raise AuditIntegrityError(f"{self.public_path} is not an Ed25519 public key")
         return key

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
-from warden.core import InvalidInputError, validate_device_id, validate_dns_name
+from warden.core import InvalidInputError, PKIError, validate_device_id, validate_dns_name
 from warden.pki._csr import CertificateSigningRequest, PublicKey
 from warden.pki._profiles import PROFILES, Profile
 
@@ -182,7 +182,7 @@ class CertificateAuthority:
         spec = PROFILES[profile]
         not_after = min(now + validity, self.certificate.not_valid_after_utc)
         if not_after <= now:
-            raise InvalidInputError("the issuing CA has expired", hint="roll the CA over")
+            raise PKIError("the issuing CA has expired", hint="roll the CA over")
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(identity.common_name, self.org))

@@ -63,7 +63,7 @@ def build_crl(
     crl = x509.CertificateRevocationListBuilder(
         issuer_name=issuer.subject,
         last_update=now - BACKDATE,
-        next_update=now + validity,
+        next_update=min(now + validity, issuer.not_valid_after_utc),
         extensions=[
             x509.Extension(
                 x509.AuthorityKeyIdentifier.oid,

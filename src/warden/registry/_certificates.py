@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from warden.core import (
     DEFAULT_LIMITS,
+    RESERVED_DEVICE_IDS,
     Clock,
     CSRRejectedError,
     IllegalTransitionError,
@@ -187,6 +188,16 @@ class CertificateService:
         if profile not in _SERVICE_PROFILES:
             raise InvalidInputError(f"profile {profile} is not for services", hint="use 'service' or 'hub-client'")
         identity = IssuedIdentity.for_service(names)
+        suffix = f".{self._policy.fleet_domain}"
+        for name in identity.dns_names:
+            label = name.removesuffix(suffix)
+            if name.endswith(suffix) and "." not in label and label not in RESERVED_DEVICE_IDS:
+                # <label>.<fleet-domain> is the name a device with that id has, or will have.
+                raise InvalidInputError(
+                    f"{name!r} is a device's name",
+                    hint=f"service names under {self._policy.fleet_domain} use a "
+                    "reserved label (hub, broker, mqtt, ...) or another domain",
+                )
         return self._issue(csr, profile, identity, actor, device_id=None, action="certificate.issue")
 
     def _issue(
@@ -230,16 +241,23 @@ class CertificateService:
         after every database call. One thread doing all of it keeps group commit's batches flowing (ADR 0003)."""
         authority = self._ca.authority()
         now = self._clock.now()
+        requests: list[CertificateSigningRequest | CSRRejectedError] = []
+        for item in batch:
+            try:
+                requests.append(parse_csr(item.csr, limits=self._policy.limits))
+            except CSRRejectedError as e:
+                requests.append(e)
         states = uow.devices.states({p.device_id for p in batch if p.device_id is not None})
+        key_uses = uow.certificates.key_uses(
+            {r.key_fingerprint for r in requests if isinstance(r, CertificateSigningRequest)}
+        )
         results: list[IssuedCertificate | WardenError] = []
         records: list[CertificateRecord] = []
         events: list[AuditEvent] = []
         activated: list[str] = []
-        for item in batch:
-            try:
-                request = parse_csr(item.csr, limits=self._policy.limits)
-            except CSRRejectedError as e:
-                results.append(e)
+        for item, request in zip(batch, requests, strict=True):
+            if isinstance(request, CSRRejectedError):
+                results.append(request)
                 continue
             device_id = item.device_id
             target = f"device:{device_id}" if device_id else f"service:{item.identity.common_name}"
@@ -250,14 +268,20 @@ class CertificateService:
                         NotFoundError(f"no device with id {device_id!r}", hint="add it with 'warden device add'")
                     )
                     continue
-                refusal = self._refusal(
-                    uow, device_id, state, renew=item.renew, key_fingerprint=request.key_fingerprint
-                )
+                refusal = self._device_refusal(uow, device_id, state, renew=item.renew)
                 if refusal is not None:
                     events.append(AuditEvent(item.actor, item.action, target, "denied", {"reason": refusal}))
                     results.append(IssuanceRefusedError(refusal, device=device_id, state=str(state)))
                     continue
+            uses = key_uses.setdefault(request.key_fingerprint, [])
+            refusal = self._key_refusal(target, uses)
+            if refusal is not None:
+                events.append(AuditEvent(item.actor, item.action, target, "denied", {"reason": refusal}))
+                results.append(IssuanceRefusedError(refusal, target=target))
+                continue
             issued = self._sign(authority, item, request, now)
+            # Later requests in the same batch see this certificate's key as in use.
+            uses.append((target, CertificateStatus.GOOD))
             records.append(issued.record)
             events.append(
                 AuditEvent(item.actor, item.action, target, details=_issue_details(item, request, issued.record))
@@ -319,27 +343,30 @@ class CertificateService:
         )
         return IssuedCertificate(record=record, certificate=certificate)
 
-    def _refusal(
-        self, uow: RegistryUnitOfWork, device_id: str, state: DeviceState, *, renew: bool, key_fingerprint: str
+    def _device_refusal(
+        self, uow: RegistryUnitOfWork, device_id: str, state: DeviceState, *, renew: bool
     ) -> str | None:
-        """Why ``device_id`` may not get this certificate now, or None."""
+        """Why ``device_id`` may not get a certificate in its current state, or None."""
         if renew:
             if state is not DeviceState.ACTIVE:
                 return f"device {device_id!r} is {state}; only active devices renew"
+            if not uow.certificates.find(device_id=device_id):
+                return f"device {device_id!r} has no certificate to renew; use 'warden cert sign'"
         elif state not in _ISSUABLE:
             return f"device {device_id!r} is {state}; certificates are issued to pending and active devices"
-        if not renew:
-            return None
-        previous = uow.certificates.find(device_id=device_id)
-        if not previous:
-            return f"device {device_id!r} has no certificate to renew; use 'warden cert sign'"
-        for record in previous:
-            if record.key_fingerprint != key_fingerprint:
-                continue
-            if record.status is CertificateStatus.REVOKED:
+        return None
+
+    def _key_refusal(self, owner: str, uses: Sequence[tuple[str, CertificateStatus]]) -> str | None:
+        """Why the CSR's key may not be certified for ``owner``, given every certificate already issued for it:
+        never a key of a revoked certificate, never a key certified for another device or service, and the
+        owner's current key only where same-key renewal is allowed."""
+        for holder, status in uses:
+            if status is CertificateStatus.REVOKED:
                 return "the CSR's key belongs to a revoked certificate; generate a new key"
-            if not self._policy.allow_same_key_renewal:
-                return "the CSR reuses the current key; renewal requires a new key (re-key)"
+            if holder != owner:
+                return "the CSR's key is already certified for another device or service; generate a new key"
+        if uses and not self._policy.allow_same_key_renewal:
+            return "the CSR reuses the current key; a new certificate requires a new key (re-key)"
         return None
 
     # -- queries ------------------------------------------------------------------------------------------------
@@ -430,9 +457,19 @@ class CertificateService:
         """The delegated OCSP responder; its certificate is (re)issued when missing or in the last third of its
         life, through the normal issuance path so it is recorded and audited like any other."""
         authority = self._ca.authority()
-        certificate, key = self._ca.ocsp_signer()
+        current = self._ca.ocsp_signer()
         now = self._clock.now()
-        if certificate is None or _needs_renewal(certificate, now):
+        if current is not None:
+            with self._tx(readonly=True) as uow:
+                record = uow.certificates.get(current[0].serial_number)
+            # A signer certificate that is revoked (or not ours) is never used again: its key may be compromised,
+            # and OCSP clients do not check a responder certificate carrying ocsp-nocheck.
+            if record is None or record.status is CertificateStatus.REVOKED or _needs_renewal(current[0], now):
+                current = None
+        if current is not None:
+            certificate, key = current
+        else:
+            key = self._ca.new_ocsp_signer_key()
             issued = self._issue(
                 key_csr(key, "ocsp-signer"),
                 Profile.OCSP_SIGNER,

@@ -61,6 +61,11 @@ class GroupStore(Protocol):
 class CertificateStore(Protocol):
     def insert(self, record: CertificateRecord) -> None: ...
     def insert_many(self, records: Sequence[CertificateRecord]) -> None: ...
+    def key_uses(self, key_fingerprints: Iterable[str]) -> dict[str, list[tuple[str, CertificateStatus]]]:
+        """For each key fingerprint: (owner, status) of every certificate issued for that key, where the owner is
+        ``device:<id>`` or ``service:<common name>``."""
+        ...
+
     def get(self, serial: int) -> CertificateRecord | None: ...
     def find(
         self, *, device_id: str | None = None, status: CertificateStatus | None = None
@@ -71,7 +76,6 @@ class CertificateStore(Protocol):
 
 class CounterStore(Protocol):
     def next(self, name: str) -> int: ...
-    def peek(self, name: str) -> int: ...
 
 
 class RegistryUnitOfWork(Protocol):
@@ -105,8 +109,12 @@ class CAProvider(Protocol):
         """The issuing CA, with its key loaded from the key store."""
         ...
 
-    def ocsp_signer(self) -> tuple[x509.Certificate | None, ec.EllipticCurvePrivateKey]:
-        """The delegated OCSP signer's current certificate (None before the first) and its key."""
+    def ocsp_signer(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+        """The delegated OCSP signer's certificate and its key, or None when there is no usable pair."""
+        ...
+
+    def new_ocsp_signer_key(self) -> ec.EllipticCurvePrivateKey:
+        """Replace the OCSP signer's key by a new one (the old one is destroyed) and return it."""
         ...
 
     def store_ocsp_signer(self, certificate: x509.Certificate) -> None: ...

@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 
-from warden.core import AlreadyExistsError, StorageError, WardenError
+from warden.core import AlreadyExistsError, ConfigurationError, StorageError, WardenError
 from warden.store._repos import UnitOfWork
 
 __all__ = ["SCHEMA_REVISION", "Database", "GroupCommitter"]
@@ -49,7 +49,12 @@ SQLITE_PRAGMAS = {
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
-        parsed = make_url(url)
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ConfigurationError(
+                "the database URL could not be parsed", hint="use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+            ) from None
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
@@ -58,7 +63,12 @@ class Database:
             self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
             _install_sqlite_hooks(self.engine)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, isolation_level="READ COMMITTED")
+            try:
+                self.engine = create_engine(url, pool_pre_ping=True, isolation_level="READ COMMITTED")
+            except (ArgumentError, ImportError) as e:
+                raise ConfigurationError(
+                    f"unsupported database URL ({type(e).__name__})", hint="use sqlite:/// or postgresql+psycopg://"
+                ) from None
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -71,6 +81,9 @@ class Database:
             with self.engine.connect() as connection:
                 if readonly:
                     connection = connection.execution_options(warden_readonly=True)
+                    if not self.is_sqlite:
+                        # One snapshot for the whole read (audit verify reads head, records and checkpoints).
+                        connection = connection.execution_options(isolation_level="REPEATABLE READ")
                 with connection.begin():
                     yield UnitOfWork(connection, is_sqlite=self.is_sqlite, after_commit=callbacks.append)
         except IntegrityError as e:
@@ -80,7 +93,12 @@ class Database:
         except SQLAlchemyError as e:
             raise StorageError(f"the database failed: {_short(e)}") from e
         for callback in callbacks:
-            callback()
+            # The transaction has committed: a failing follow-up (such as mirroring a checkpoint to a file) must
+            # not make the caller believe its work was lost. Verification reports a checkpoint the mirror lacks.
+            try:
+                callback()
+            except Exception:
+                log.exception("a follow-up of a committed transaction failed")
 
     # -- migrations ---------------------------------------------------------------------------------------------
 

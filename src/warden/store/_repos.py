@@ -36,6 +36,9 @@ _SET_DEVICE_STATES = (
     .values(state=bindparam("new_state"), updated_at=bindparam("now"))
 )
 _INSERT_CERTIFICATE = insert(certificates)
+_KEY_USES = select(
+    certificates.c.key_fingerprint, certificates.c.device_id, certificates.c.common_name, certificates.c.status
+).where(certificates.c.key_fingerprint.in_(bindparam("keys", expanding=True)))
 _INSERT_AUDIT = insert(audit_log)
 _HEAD = select(audit_head.c.seq, audit_head.c.hash, audit_head.c.last_checkpoint_seq).where(audit_head.c.id == 1)
 _HEAD_FOR_UPDATE = _HEAD.with_for_update()
@@ -276,6 +279,15 @@ class CertificateRepository:
             ],
         )
 
+    def key_uses(self, key_fingerprints: Iterable[str]) -> dict[str, list[tuple[str, CertificateStatus]]]:
+        keys = list(key_fingerprints)
+        result: dict[str, list[tuple[str, CertificateStatus]]] = {k: [] for k in keys}
+        for start in range(0, len(keys), 500):
+            for row in self._c.execute(_KEY_USES, {"keys": keys[start : start + 500]}):
+                owner = f"device:{row.device_id}" if row.device_id else f"service:{row.common_name}"
+                result[row.key_fingerprint].append((owner, CertificateStatus(row.status)))
+        return result
+
     def get(self, serial: int) -> CertificateRecord | None:
         row = self._c.execute(select(certificates).where(certificates.c.serial == _serial_key(serial))).first()
         return _certificate(row) if row is not None else None
@@ -441,7 +453,3 @@ class CounterRepository:
         value = int(current) + 1
         self._c.execute(update(counters).where(counters.c.name == name).values(value=value))
         return value
-
-    def peek(self, name: str) -> int:
-        current = self._c.execute(select(counters.c.value).where(counters.c.name == name)).scalar()
-        return int(current) if current is not None else 0

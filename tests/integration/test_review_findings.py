@@ -1,0 +1,139 @@
+"""Regressions for defects found in review: each would have let a key, a certificate or a record slip through."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, make_csr, make_key
+from warden.core import InvalidInputError, IssuanceRefusedError
+from warden.hub import Hub
+from warden.pki import RevocationReason
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_refused_init_keeps_the_existing_keys(initialised_cli: Cli) -> None:
+    cli = initialised_cli
+    keys = sorted(p.name for p in (cli.data_dir / "keys").iterdir())
+    (cli.data_dir / "warden.toml").unlink()
+    (cli.data_dir / "warden.db").unlink()
+    result = cli("init", "--org", "Again", "--fleet-domain", "fleet.acme.test")
+    assert result.code != 0
+    assert "already holds a key" in result.err
+    assert sorted(p.name for p in (cli.data_dir / "keys").iterdir()) == keys
+
+
+def test_keys_are_never_certified_twice(hub_factory: Callable[..., Hub]) -> None:
+    hub = hub_factory()
+    for device in ("d-1", "d-2"):
+        hub.devices.add_device(device, actor="t")
+    key = make_key("p256")
+    first = hub.certificates.sign(device_id="d-1", csr=make_csr(key=key), actor="t")
+    with pytest.raises(IssuanceRefusedError, match="another device or service"):
+        hub.certificates.sign(device_id="d-2", csr=make_csr(key=key), actor="t")
+    with pytest.raises(IssuanceRefusedError, match="re-key"):
+        hub.certificates.sign(device_id="d-1", csr=make_csr(key=key), actor="t")
+    hub.certificates.revoke(first.record.serial, reason=RevocationReason.KEY_COMPROMISE, actor="t")
+    with pytest.raises(IssuanceRefusedError, match="revoked certificate"):
+        hub.certificates.sign(device_id="d-1", csr=make_csr(key=key), actor="t")
+    assert [c.serial for c in hub.certificates.find(device_id="d-2")] == []
+
+
+def test_same_key_twice_in_one_batch(hub_factory: Callable[..., Hub]) -> None:
+    import threading
+
+    hub = hub_factory(group_commit=True)
+    for i in range(8):
+        hub.devices.add_device(f"d-{i}", actor="t")
+    key = make_key("p256")
+    csr = make_csr(key=key)
+    outcomes: list[str] = []
+    gate = threading.Barrier(8)
+
+    def worker(i: int) -> None:
+        gate.wait()
+        try:
+            hub.certificates.sign(device_id=f"d-{i}", csr=csr, actor="t")
+            outcomes.append("issued")
+        except IssuanceRefusedError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["issued"] + ["refused"] * 7
+
+
+def test_revoked_ocsp_signer_is_replaced_with_a_new_key(initialised_cli: Cli, tmp_path: Path) -> None:
+    cli = initialised_cli
+    signer = json.loads(cli.ok("cert", "list", "--json"))[0]
+    assert signer["profile"] == "ocsp-signer"
+    cli.ok("cert", "revoke", signer["serial"], "--reason", "keyCompromise")
+    old_pem = (cli.data_dir / "ca" / "ocsp-signer.pem").read_bytes()
+    from cryptography import x509
+
+    from tests.conftest import openssl
+
+    cli.ok("device", "add", "dev-1")
+    cli.ok("cert", "sign", "--device", "dev-1", "--csr", write(tmp_path / "c", make_csr()), "--out", tmp_path / "d")
+    issuer = cli.data_dir / "ca" / "issuing-ca.pem"
+    openssl("ocsp", "-sha256", "-issuer", str(issuer), "-cert", str(tmp_path / "d"), "-reqout", str(tmp_path / "q"))
+    cli.ok("ocsp", "respond", "--request", tmp_path / "q", "--out", tmp_path / "r")
+    new = x509.load_pem_x509_certificate((cli.data_dir / "ca" / "ocsp-signer.pem").read_bytes())
+    old = x509.load_pem_x509_certificate(old_pem)
+    assert new.serial_number != old.serial_number
+    assert new.public_key() != old.public_key()
+    from cryptography.x509 import ocsp
+
+    response = ocsp.load_der_ocsp_response((tmp_path / "r").read_bytes())
+    assert response.certificates[0].serial_number == new.serial_number
+
+
+def test_unwritable_output_records_nothing(initialised_cli: Cli, tmp_path: Path) -> None:
+    cli = initialised_cli
+    cli.ok("device", "add", "dev-1")
+    before = (cli.ok("cert", "list", "--json"), cli.ok("audit", "list", "--json"))
+    result = cli(
+        "cert",
+        "sign",
+        "--device",
+        "dev-1",
+        "--csr",
+        write(tmp_path / "c", make_csr()),
+        "--out",
+        tmp_path / "missing" / "cert.pem",
+    )
+    assert result.code == 2
+    assert "directory does not exist" in result.err
+    assert (cli.ok("cert", "list", "--json"), cli.ok("audit", "list", "--json")) == before
+    assert json.loads(cli.ok("device", "show", "dev-1", "--json"))["state"] == "pending"
+
+
+def test_service_certificates_cannot_take_a_device_name(hub_factory: Callable[..., Hub]) -> None:
+    hub = hub_factory()
+    with pytest.raises(InvalidInputError, match="a device's name"):
+        hub.certificates.issue_service(names=("sensor-1.fleet.acme.test",), csr=make_csr(), actor="t")
+    issued = hub.certificates.issue_service(names=("hub.fleet.acme.test",), csr=make_csr(), actor="t")
+    assert issued.record.common_name == "hub.fleet.acme.test"
+
+
+def test_settings_file_is_private(initialised_cli: Cli) -> None:
+    assert (initialised_cli.data_dir / "warden.toml").stat().st_mode & 0o077 == 0
+
+
+def test_bad_database_url_is_one_line(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WARDEN_DATABASE_URL", "not a url at all")
+    result = cli("init", "--org", "Acme", "--fleet-domain", "fleet.acme.test")
+    assert result.code == 3
+    assert "database URL" in result.err
+    assert "Traceback" not in result.err
+    assert not cli.data_dir.exists()
