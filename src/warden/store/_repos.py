@@ -23,6 +23,7 @@ from warden.store._tables import (
     device_groups,
     device_tags,
     devices,
+    sqlite_time,
 )
 
 __all__ = ["UnitOfWork"]
@@ -36,6 +37,15 @@ _SET_DEVICE_STATES = (
     .values(state=bindparam("new_state"), updated_at=bindparam("now"))
 )
 _INSERT_CERTIFICATE = insert(certificates)
+_SQLITE_INSERT_CERTIFICATE = (
+    "INSERT INTO certificates (serial, device_id, common_name, profile, not_before, not_after, fingerprint, "
+    "key_fingerprint, status, issued_at, revoked_at, revocation_reason, pem) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQLITE_INSERT_AUDIT = (
+    "INSERT INTO audit_log (seq, time, actor, action, target, outcome, details, prev_hash, hash) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _KEY_USES = select(
     certificates.c.key_fingerprint, certificates.c.device_id, certificates.c.common_name, certificates.c.status
 ).where(certificates.c.key_fingerprint.in_(bindparam("keys", expanding=True)))
@@ -58,8 +68,8 @@ class UnitOfWork:
         self._after_commit = after_commit
         self.devices = DeviceRepository(connection)
         self.groups = GroupRepository(connection)
-        self.certificates = CertificateRepository(connection)
-        self.audit = AuditRepository(connection, lock=not is_sqlite)
+        self.certificates = CertificateRepository(connection, is_sqlite=is_sqlite)
+        self.audit = AuditRepository(connection, is_sqlite=is_sqlite)
         self.counters = CounterRepository(connection, lock=not is_sqlite)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
@@ -248,14 +258,39 @@ def _group(row: Row[Any]) -> DeviceGroup:
 
 
 class CertificateRepository:
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, *, is_sqlite: bool) -> None:
         self._c = connection
+        self._sqlite = is_sqlite
 
     def insert(self, record: CertificateRecord) -> None:
         self.insert_many([record])
 
     def insert_many(self, records: Sequence[CertificateRecord]) -> None:
         if not records:
+            return
+        if self._sqlite:
+            # The issuing hot path: straight to the driver's executemany, skipping SQLAlchemy's per-row processing.
+            self._c.exec_driver_sql(
+                _SQLITE_INSERT_CERTIFICATE,
+                [
+                    (
+                        _serial_key(r.serial),
+                        r.device_id,
+                        r.common_name,
+                        r.profile,
+                        sqlite_time(r.not_before),
+                        sqlite_time(r.not_after),
+                        r.fingerprint,
+                        r.key_fingerprint,
+                        str(r.status),
+                        sqlite_time(r.issued_at),
+                        sqlite_time(r.revoked_at) if r.revoked_at else None,
+                        r.revocation_reason,
+                        r.pem,
+                    )
+                    for r in records
+                ],
+            )
             return
         self._c.execute(
             _INSERT_CERTIFICATE,
@@ -340,9 +375,11 @@ def _certificate(row: Row[Any]) -> CertificateRecord:
 
 
 class AuditRepository:
-    def __init__(self, connection: Connection, *, lock: bool) -> None:
+    def __init__(self, connection: Connection, *, is_sqlite: bool) -> None:
         self._c = connection
-        self._lock = lock
+        self._sqlite = is_sqlite
+        # SQLite serialises writers with BEGIN IMMEDIATE; PostgreSQL needs the head row locked.
+        self._lock = not is_sqlite
         #: the head as this transaction last moved it, so batched appends read it once
         self.cached_head: tuple[int, str, int] | None = None
 
@@ -367,23 +404,42 @@ class AuditRepository:
         if not records:
             return
         _, _, last_checkpoint = self.lock_head()
-        self._c.execute(
-            _INSERT_AUDIT,
-            [
-                {
-                    "seq": r.seq,
-                    "time": r.time,
-                    "actor": r.actor,
-                    "action": r.action,
-                    "target": r.target,
-                    "outcome": r.outcome,
-                    "details": r.details_json or canonical_details(r.details),
-                    "prev_hash": r.prev_hash,
-                    "hash": r.hash,
-                }
-                for r in records
-            ],
-        )
+        if self._sqlite:  # the driver's executemany, as for certificates
+            self._c.exec_driver_sql(
+                _SQLITE_INSERT_AUDIT,
+                [
+                    (
+                        r.seq,
+                        sqlite_time(r.time),
+                        r.actor,
+                        r.action,
+                        r.target,
+                        r.outcome,
+                        r.details_json or canonical_details(r.details),
+                        r.prev_hash,
+                        r.hash,
+                    )
+                    for r in records
+                ],
+            )
+        else:
+            self._c.execute(
+                _INSERT_AUDIT,
+                [
+                    {
+                        "seq": r.seq,
+                        "time": r.time,
+                        "actor": r.actor,
+                        "action": r.action,
+                        "target": r.target,
+                        "outcome": r.outcome,
+                        "details": r.details_json or canonical_details(r.details),
+                        "prev_hash": r.prev_hash,
+                        "hash": r.hash,
+                    }
+                    for r in records
+                ],
+            )
         last = records[-1]
         self._c.execute(_MOVE_HEAD, {"new_seq": last.seq, "new_hash": last.hash})
         self.cached_head = (last.seq, last.hash, last_checkpoint)

@@ -32,6 +32,7 @@ __all__ = [
     "device_tags",
     "devices",
     "metadata",
+    "sqlite_time",
 ]
 
 metadata = MetaData(
@@ -42,6 +43,14 @@ metadata = MetaData(
         "pk": "pk_%(table_name)s",
     }
 )
+
+
+def sqlite_time(value: dt.datetime) -> str:
+    """An aware datetime as SQLAlchemy's SQLite ``DateTime`` stores it (naive UTC, always with microseconds), for
+    the few statements that go to the driver directly."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetimes are not stored: pass an aware UTC datetime")
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
