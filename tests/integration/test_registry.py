@@ -207,3 +207,14 @@ def test_automatic_checkpoints(hub_factory: Callable[..., Hub], monkeypatch: pyt
     assert report.last_checkpoint_seq == checkpoints[-1].seq
     mirrored = (hub.settings.data_dir / "audit" / "checkpoints.jsonl").read_text().splitlines()
     assert len(mirrored) == len(checkpoints)
+
+
+def test_issued_records_read_back_exactly(hub: Hub) -> None:
+    hub.devices.add_device("d-1", actor="t")
+    issued = hub.certificates.sign(device_id="d-1", csr=make_csr(), actor="t")
+    assert hub.certificates.get(issued.record.serial) == issued.record
+    with hub.db.transaction(readonly=True) as uow:
+        last = list(uow.audit.records())[-2]
+        report = hub.audit.verify(uow)
+    assert last.details["serial"] == issued.record.serial_hex
+    assert report.records >= 2
