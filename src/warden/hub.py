@@ -176,6 +176,7 @@ class Hub:
         clock: Clock | None = None,
         random: Random | None = None,
         group_commit: bool = False,
+        key_store: KeyStore | None = None,
     ) -> None:
         if not settings.initialised:
             raise NotInitialisedError(
@@ -187,7 +188,8 @@ class Hub:
         self.random: Random = random or SystemRandom()
         self.db = Database(settings.effective_database_url)
         self._passphrase_cache: bytes | None = None
-        self._store: KeyStore | None = None
+        #: opened on first use unless given (init hands over the store it has just filled)
+        self._store: KeyStore | None = key_store
         self.ca = HubCA(settings, self.key_store)
         self.checkpoint_key = CheckpointKey(
             settings.data_dir / "keys" / "audit-checkpoint.key.pem",
@@ -415,8 +417,7 @@ def initialise(
         for name in ("database_url", "public_url"):
             if getattr(settings, name):
                 values[name] = getattr(settings, name)
-        with Hub(settings, clock=clock, random=random) as hub:
-            hub._store = store
+        with Hub(settings, clock=clock, random=random, key_store=store) as hub:
             hub.checkpoint_key.create()
             with hub.db.transaction() as uow:
                 hub.audit.append(

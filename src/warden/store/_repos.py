@@ -12,7 +12,7 @@ from sqlalchemy import Connection, Row, and_, bindparam, func, insert, select, u
 
 from warden.core import AlreadyExistsError, StorageError
 from warden.monitor import GENESIS_HASH, AuditRecord, Checkpoint, canonical_details
-from warden.registry import CertificateRecord, CertificateStatus, Device, DeviceGroup, DeviceState
+from warden.registry import CertificateRecord, CertificateStatus, Device, DeviceGroup, DeviceState, format_serial
 from warden.store._tables import (
     audit_checkpoints,
     audit_head,
@@ -53,11 +53,6 @@ _INSERT_AUDIT = insert(audit_log)
 _HEAD = select(audit_head.c.seq, audit_head.c.hash, audit_head.c.last_checkpoint_seq).where(audit_head.c.id == 1)
 _HEAD_FOR_UPDATE = _HEAD.with_for_update()
 _MOVE_HEAD = update(audit_head).where(audit_head.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
-
-
-def _serial_key(serial: int) -> str:
-    text = f"{serial:X}"
-    return text if len(text) % 2 == 0 else "0" + text
 
 
 class UnitOfWork:
@@ -274,7 +269,7 @@ class CertificateRepository:
                 _SQLITE_INSERT_CERTIFICATE,
                 [
                     (
-                        _serial_key(r.serial),
+                        format_serial(r.serial),
                         r.device_id,
                         r.common_name,
                         r.profile,
@@ -296,7 +291,7 @@ class CertificateRepository:
             _INSERT_CERTIFICATE,
             [
                 {
-                    "serial": _serial_key(record.serial),
+                    "serial": format_serial(record.serial),
                     "device_id": record.device_id,
                     "common_name": record.common_name,
                     "profile": record.profile,
@@ -324,7 +319,7 @@ class CertificateRepository:
         return result
 
     def get(self, serial: int) -> CertificateRecord | None:
-        row = self._c.execute(select(certificates).where(certificates.c.serial == _serial_key(serial))).first()
+        row = self._c.execute(select(certificates).where(certificates.c.serial == format_serial(serial))).first()
         return _certificate(row) if row is not None else None
 
     def find(self, *, device_id: str | None = None, status: CertificateStatus | None = None) -> list[CertificateRecord]:
@@ -338,7 +333,7 @@ class CertificateRepository:
     def revoke(self, serial: int, *, revoked_at: dt.datetime, reason: str) -> None:
         self._c.execute(
             update(certificates)
-            .where(certificates.c.serial == _serial_key(serial))
+            .where(certificates.c.serial == format_serial(serial))
             .values(status=str(CertificateStatus.REVOKED), revoked_at=revoked_at, revocation_reason=reason)
         )
 
