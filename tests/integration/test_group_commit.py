@@ -92,3 +92,30 @@ def test_result_only_after_commit(database: Database) -> None:
         assert uow.groups.get("durable") is not None
     other.dispose()
     committer.close()
+
+
+def test_follow_ups_of_a_rolled_back_savepoint_do_not_run(database: Database) -> None:
+    ran: list[str] = []
+    with database.transaction() as uow:
+        uow.after_commit(lambda: ran.append("kept"))
+
+        def failing_work() -> None:
+            with uow.savepoint():
+                uow.after_commit(lambda: ran.append("rolled back"))
+                raise RuntimeError("the savepoint fails")
+
+        with pytest.raises(RuntimeError):
+            failing_work()
+    assert ran == ["kept"]
+
+
+def test_a_failing_follow_up_does_not_undo_the_commit(database: Database, caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise OSError("disk full")
+
+    with database.transaction() as uow:
+        add_groups(uow, ["kept"])
+        uow.after_commit(broken)
+    with database.transaction(readonly=True) as uow:
+        assert uow.groups.get("kept") is not None
+    assert "follow-up of a committed transaction failed" in caplog.text

@@ -85,7 +85,9 @@ class Database:
                         # One snapshot for the whole read (audit verify reads head, records and checkpoints).
                         connection = connection.execution_options(isolation_level="REPEATABLE READ")
                 with connection.begin():
-                    yield UnitOfWork(connection, is_sqlite=self.is_sqlite, after_commit=callbacks.append)
+                    uow = UnitOfWork(connection, is_sqlite=self.is_sqlite)
+                    yield uow
+                    callbacks = uow.callbacks
         except IntegrityError as e:
             raise _integrity_error(e) from e
         except DBAPIError as e:
@@ -94,7 +96,8 @@ class Database:
             raise StorageError(f"the database failed: {_short(e)}") from e
         for callback in callbacks:
             # The transaction has committed: a failing follow-up (such as mirroring a checkpoint to a file) must
-            # not make the caller believe its work was lost. Verification reports a checkpoint the mirror lacks.
+            # not make the caller believe its work was lost; a checkpoint the mirror lacks is still verified by
+            # its signature.
             try:
                 callback()
             except Exception:

@@ -58,9 +58,10 @@ _MOVE_HEAD = update(audit_head).where(audit_head.c.id == 1).values(seq=bindparam
 class UnitOfWork:
     """One transaction's view of every repository."""
 
-    def __init__(self, connection: Connection, *, is_sqlite: bool, after_commit: Callable[[Callable[[], None]], None]):
+    def __init__(self, connection: Connection, *, is_sqlite: bool) -> None:
         self.connection = connection
-        self._after_commit = after_commit
+        #: run by :meth:`Database.transaction` once this unit of work has committed
+        self.callbacks: list[Callable[[], None]] = []
         self.devices = DeviceRepository(connection)
         self.groups = GroupRepository(connection)
         self.certificates = CertificateRepository(connection, is_sqlite=is_sqlite)
@@ -68,17 +69,20 @@ class UnitOfWork:
         self.counters = CounterRepository(connection, lock=not is_sqlite)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
-        self._after_commit(callback)
+        self.callbacks.append(callback)
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
         head = self.audit.cached_head
+        registered = len(self.callbacks)
         try:
             with self.connection.begin_nested():
                 yield
         except BaseException:
-            # The savepoint's audit appends are gone: forget the head they moved.
+            # What the savepoint did is gone: forget the head its audit appends moved, and the follow-ups it
+            # registered (a checkpoint mirrored for a checkpoint that was rolled back would fail verification).
             self.audit.cached_head = head
+            del self.callbacks[registered:]
             raise
 
 
