@@ -386,6 +386,8 @@ def initialise(
             db.migrate()
         finally:
             db.dispose()
+        # On SQLite the file goes with the data directory; on a server database the schema is removed again.
+        undo.append(lambda: _drop_schema(settings.effective_database_url))
         store = open_key_store(settings, lambda: read_passphrase(settings))
         undo.append(store.close)
         existing_keys = [label for label in (ROOT_KEY, ISSUING_KEY, OCSP_SIGNER_KEY) if store.exists(label)]
@@ -459,6 +461,14 @@ def _persistable_key_store(key_store: str) -> str:
 
     uri = parse_pkcs11_uri(key_store)
     return uri.without_pin()
+
+
+def _drop_schema(url: str) -> None:
+    db = Database(url)
+    try:
+        db.drop_schema()
+    finally:
+        db.dispose()
 
 
 def _delete_keys(store: KeyStore) -> None:

@@ -137,3 +137,24 @@ def test_bad_database_url_is_one_line(cli: Cli, monkeypatch: pytest.MonkeyPatch)
     assert "database URL" in result.err
     assert "Traceback" not in result.err
     assert not cli.data_dir.exists()
+
+
+@pytest.mark.postgres
+def test_failed_init_on_postgresql_leaves_no_schema(
+    cli: Cli, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WARDEN_DATABASE_URL", postgres_url)
+    failed = cli(
+        "init",
+        "--org",
+        "Acme",
+        "--fleet-domain",
+        "fleet.acme.test",
+        "--key-store",
+        "pkcs11:token=nothing?module-path=/nonexistent/libpkcs11.so",
+    )
+    assert failed.code != 0
+    assert not cli.data_dir.exists()
+    # The same database takes a new init: the failed one left no schema behind.
+    cli.ok("init", "--org", "Acme", "--fleet-domain", "fleet.acme.test")
+    assert "audit log OK" in cli.ok("audit", "verify")

@@ -125,6 +125,16 @@ class Database:
         except SQLAlchemyError as e:
             raise StorageError(f"database migration failed: {_short(e)}", hint=_hint(self.url)) from e
 
+    def drop_schema(self) -> None:
+        """Undo every migration (used when ``warden init`` fails half-way on a server database)."""
+        from alembic import command
+
+        try:
+            with self.engine.begin() as connection:
+                command.downgrade(self._alembic_config(connection), "base")
+        except SQLAlchemyError as e:
+            raise StorageError(f"removing the schema failed: {_short(e)}", hint=_hint(self.url)) from e
+
     def revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
 
