@@ -158,3 +158,24 @@ def test_failed_init_on_postgresql_leaves_no_schema(
     # The same database takes a new init: the failed one left no schema behind.
     cli.ok("init", "--org", "Acme", "--fleet-domain", "fleet.acme.test")
     assert "audit log OK" in cli.ok("audit", "verify")
+
+
+def test_renewal_in_the_same_batch_supersedes_what_the_batch_issued(hub_factory: Callable[..., Hub]) -> None:
+    from warden.pki import IssuedIdentity, Profile
+    from warden.registry import CertificateStatus
+    from warden.registry._certificates import _PendingIssue
+
+    hub = hub_factory()
+    hub.devices.add_device("d-1", actor="t")
+    hub.certificates.sign(device_id="d-1", csr=make_csr(), actor="t")
+    # Two requests for one device recorded in one batch, as group commit would: an issuance, then a renewal.
+
+    identity = IssuedIdentity.for_device("d-1", "fleet.acme.test")
+    first = _PendingIssue(make_csr(), Profile.DEVICE, identity, "d-1", "t", "certificate.issue", False, False)
+    renewal = _PendingIssue(make_csr(), Profile.DEVICE, identity, "d-1", "t", "certificate.renew", True, True)
+    with hub.db.transaction() as uow:
+        results = hub.certificates._issue_batch(uow, [first, renewal])
+    assert not any(isinstance(r, Exception) for r in results)
+    statuses = [c.status for c in hub.certificates.find(device_id="d-1")]
+    assert statuses.count(CertificateStatus.GOOD) == 1
+    assert statuses.count(CertificateStatus.REVOKED) == 2

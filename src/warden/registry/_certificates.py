@@ -261,6 +261,10 @@ class CertificateService:
                 continue
             device_id = item.device_id
             target = f"device:{device_id}" if device_id else f"service:{item.identity.common_name}"
+            if item.renew and records:
+                # A renewal looks at the device's certificates: those signed earlier in this batch must be there.
+                uow.certificates.insert_many(records)
+                records = []
             state = states.get(device_id) if device_id is not None else None
             if device_id is not None:
                 if state is None:
