@@ -121,7 +121,7 @@ class HubCA:
         if self._authority is None:
             certificate = self.files.read(ISSUING_KEY)
             key = self._key_store().load(ISSUING_KEY)
-            if key.public_key().public_numbers() != certificate.public_key().public_numbers():  # type: ignore[union-attr]
+            if key.public_key() != certificate.public_key():
                 raise KeyStoreError("the issuing CA key in the key store does not match the issuing CA certificate")
             base = self._settings.public_url
             self._authority = CertificateAuthority(

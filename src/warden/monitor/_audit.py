@@ -219,14 +219,14 @@ def verify_chain(
                 seq=cp.seq,
                 hint="records or checkpoints were deleted or rewritten",
             )
-    if checkpoints and public_key is None:
-        raise _fail("checkpoints exist but the checkpoint public key is missing", seq=None)
-    for cp in checkpoints:
-        try:
-            assert public_key is not None
-            public_key.verify(bytes.fromhex(cp.signature), checkpoint_payload(cp.seq, cp.hash))
-        except (InvalidSignature, ValueError):
-            raise _fail(f"the checkpoint at record {cp.seq} has an invalid signature", seq=cp.seq) from None
+    if checkpoints:
+        if public_key is None:
+            raise _fail("checkpoints exist but the checkpoint public key is missing", seq=None)
+        for cp in checkpoints:
+            try:
+                public_key.verify(bytes.fromhex(cp.signature), checkpoint_payload(cp.seq, cp.hash))
+            except (InvalidSignature, ValueError):
+                raise _fail(f"the checkpoint at record {cp.seq} has an invalid signature", seq=cp.seq) from None
 
     expected_seq, prev = 1, GENESIS_HASH
     last_good_checkpoint = 0
