@@ -41,6 +41,7 @@ contracts: setup
 	$(BIN)/lint-imports
 
 unit: setup
+	@bash scripts/ci-services.sh || echo "PostgreSQL is not available: its tests will be skipped"
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 test: lint typecheck contracts unit

@@ -26,6 +26,20 @@ from warden.hub import Hub, initialise
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 
 
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No WARDEN_* setting from the shell running the tests leaks in, and whatever a test (or the CLI, which removes
+    secrets from its environment) does to them is undone afterwards."""
+    for name in list(os.environ):
+        if name.startswith("WARDEN_") and name != "WARDEN_REQUIRE_POSTGRES" and name != "WARDEN_TEST_PG_USER":
+            monkeypatch.delenv(name)
+    # Registered so that monkeypatch restores them even when the CLI pops them.
+    monkeypatch.setenv("WARDEN_CA_PASSPHRASE", "")
+    monkeypatch.delenv("WARDEN_CA_PASSPHRASE")
+    monkeypatch.setenv("WARDEN_PKCS11_PIN", "")
+    monkeypatch.delenv("WARDEN_PKCS11_PIN")
+
+
 @dataclass
 class CliResult:
     code: int
@@ -115,10 +129,9 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
 
     def factory(*, database_url: str = "", name: str = "hub", group_commit: bool = False, **init: str) -> Hub:
         data_dir = tmp_path / name
-        env_backup = os.environ.get("WARDEN_DATABASE_URL")
-        if database_url:
-            os.environ["WARDEN_DATABASE_URL"] = database_url
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            if database_url:
+                patch.setenv("WARDEN_DATABASE_URL", database_url)
             initialise(
                 data_dir,
                 org=init.get("org", "Acme Test"),
@@ -127,14 +140,8 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., Hub]]:
                 key_algorithm=init.get("key_algorithm", "P-256"),
                 actor="test",
             )
-            settings = load_settings(data_dir)
-        finally:
-            if env_backup is None:
-                os.environ.pop("WARDEN_DATABASE_URL", None)
-            else:
-                os.environ["WARDEN_DATABASE_URL"] = env_backup
-        if database_url:
-            settings = load_settings(data_dir, database_url=database_url)
+        # The database URL was pinned in the data directory's settings file by init.
+        settings = load_settings(data_dir)
         hub = Hub.open(settings, group_commit=group_commit)
         hubs.append(hub)
         return hub

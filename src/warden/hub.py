@@ -368,8 +368,12 @@ def initialise(
         "key_algorithm": algorithm.value,
     }
     if public_url:
-        overrides["public_url"] = public_url
-    settings = load_settings(data_dir, **overrides)
+        if not public_url.startswith(("https://", "http://")) or len(public_url) > 512 or not public_url.isprintable():
+            raise InvalidInputError("--public-url must be an http(s) URL", hint="e.g. https://hub.fleet.example.com")
+        overrides["public_url"] = public_url.rstrip("/")
+    # What init is told explicitly wins over WARDEN_* variables (which otherwise rank first): it is what gets
+    # pinned in the settings file, so it must also be what this init uses.
+    settings = load_settings(data_dir).model_copy(update=overrides)
     with _undo_on_failure(data_dir) as undo:
         for sub in ("", "keys", "ca", "audit"):
             (data_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -47,10 +47,7 @@ def test_walkthrough(initialised_cli: Cli, tmp_path: Path) -> None:
     assert cert.subject.rfc4514_string().startswith("CN=dev-1")
     shown = json.loads(cli.ok("device", "show", "dev-1", "--json"))
     assert shown["state"] == "active"
-    assert (
-        shown["certificates"][0]["serial"]
-        == f"{cert.serial_number:X}".zfill(32)[-len(shown["certificates"][0]["serial"]) :]
-    )
+    assert int(shown["certificates"][0]["serial"], 16) == cert.serial_number
 
     cli.ok(
         "cert",
@@ -159,9 +156,10 @@ def test_refusals_write_nothing(initialised_cli: Cli, tmp_path: Path, args: list
     after = snapshot(cli)
     assert after[0] == before[0]
     assert after[2] == before[2]
-    # A refused issuance is audited as denied; nothing else failing may leave an audit record at all.
+    # A refusal of a known device's request is audited as denied; nothing else failing leaves an audit record.
     new = json.loads(after[1])[len(json.loads(before[1])) :]
-    assert all(r["outcome"] == "denied" for r in new)
+    expected = [("certificate.renew", "denied")] if args[:2] == ["cert", "renew"] else []
+    assert [(r["action"], r["outcome"]) for r in new] == expected
 
 
 @pytest.mark.parametrize("state", ["disable", "quarantine", "decommission"])
@@ -214,7 +212,14 @@ def test_passphrase_file_mode_and_wrong_passphrase(
     cli = initialised_cli
     passphrase = cli.data_dir / "keys" / "ca-passphrase"
     assert stat.S_IMODE(passphrase.stat().st_mode) == 0o600
-    for key in (cli.data_dir / "keys").glob("*.pem"):
+    key_files = sorted((cli.data_dir / "keys").glob("*.pem"))
+    assert [k.name for k in key_files] == [
+        "audit-checkpoint.key.pem",
+        "issuing-ca.key.pem",
+        "ocsp-signer.key.pem",
+        "root-ca.key.pem",
+    ]
+    for key in key_files:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
         assert b"ENCRYPTED PRIVATE KEY" in key.read_bytes()
     cli.ok("device", "add", "dev-1")
@@ -324,3 +329,17 @@ def test_public_url_is_pinned_at_init(cli: Cli, tmp_path: Path, monkeypatch: pyt
     cert = x509.load_pem_x509_certificate(out.read_bytes())
     cdp = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
     assert cdp[0].full_name == [x509.UniformResourceIdentifier("https://hub.fleet.acme.test/pki/crl")]
+
+
+def test_init_flags_win_over_the_environment(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WARDEN_KEY_STORE", "vault")
+    cli.ok("init", "--org", "Acme", "--fleet-domain", "fleet.acme.test", "--key-store", "file")
+    assert 'key_store = "file"' in (cli.data_dir / "warden.toml").read_text()
+    assert (cli.data_dir / "keys" / "issuing-ca.key.pem").exists()
+
+
+def test_init_refuses_a_bad_public_url(cli: Cli) -> None:
+    result = cli("init", "--org", "Acme", "--fleet-domain", "fleet.acme.test", "--public-url", "ftp://hub")
+    assert result.code == 2
+    assert "--public-url" in result.err
+    assert not cli.data_dir.exists()

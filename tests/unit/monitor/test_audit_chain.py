@@ -161,7 +161,16 @@ def test_secrets_never_enter_details() -> None:
 
 def test_hash_covers_every_field() -> None:
     base = build(1)[0]
-    fields = {"actor": "x", "action": "x", "target": "x", "outcome": "failure", "details": {"i": 1}}
+    fields = {
+        "actor": "x",
+        "action": "x",
+        "target": "x",
+        "outcome": "failure",
+        "details": {"i": 1},
+        "seq": 2,
+        "time": NOW + dt.timedelta(microseconds=1),
+        "prev_hash": "1" * 64,
+    }
     for name, value in fields.items():
         changed = dataclasses.replace(base, **{name: value})
         digest = record_hash(
