@@ -25,6 +25,27 @@ def token_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     unload_module()
 
 
+def openssl_p256_csr(tmp_path: Path, name: str) -> Path:
+    """A P-256 key and CSR made by openssl, as a device would make them."""
+    csr = tmp_path / f"{name}.csr"
+    openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        str(tmp_path / f"{name}.key"),
+        "-subj",
+        f"/CN={name}",
+        "-out",
+        str(csr),
+    )
+    return csr
+
+
 class TokenCli:
     """Runs the CLI with the PIN in the environment each time (the CLI removes it from its own environment)."""
 
@@ -47,23 +68,7 @@ def test_pki_flow_with_ca_keys_in_softhsm(
     assert not list((cli.data_dir / "keys").glob("*-ca.key.pem")), "no CA key file may exist with a token"
     assert json.loads(run("ca", "show", "--json"))["key_store"] == "pkcs11"
 
-    key = tmp_path / "dev.key"
-    csr = tmp_path / "dev.csr"
-    openssl(
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        str(key),
-        "-subj",
-        "/CN=dev-1",
-        "-out",
-        str(csr),
-    )
+    csr = openssl_p256_csr(tmp_path, "dev")
     run("device", "add", "dev-1")
     run("cert", "sign", "--device", "dev-1", "--csr", csr, "--out", tmp_path / "dev.pem")
     chain = cli.data_dir / "ca" / "chain.pem"
@@ -133,22 +138,7 @@ def test_wrong_pin_is_a_clear_error(cli: Cli, token_uri: str, tmp_path: Path, mo
     cli.ok("device", "add", "dev-1")
     before = cli.ok("audit", "list", "--json")
     monkeypatch.setenv("WARDEN_PKCS11_PIN", "0000")
-    csr = tmp_path / "dev.csr"
-    openssl(
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        str(tmp_path / "k"),
-        "-subj",
-        "/CN=x",
-        "-out",
-        str(csr),
-    )
+    csr = openssl_p256_csr(tmp_path, "other")
     result = cli("cert", "sign", "--device", "dev-1", "--csr", csr, "--out", tmp_path / "dev.pem")
     assert result.code == 7
     assert result.err.startswith("error: ")

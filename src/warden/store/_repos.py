@@ -90,11 +90,11 @@ class DeviceRepository:
     def __init__(self, connection: Connection) -> None:
         self._c = connection
 
-    def exists(self, device_id: str) -> bool:
+    def _exists(self, device_id: str) -> bool:
         return self._c.execute(select(devices.c.id).where(devices.c.id == device_id)).first() is not None
 
     def insert(self, device: Device) -> None:
-        if self.exists(device.id):
+        if self._exists(device.id):
             raise AlreadyExistsError(f"device {device.id!r} exists already", hint="choose another id")
         self._c.execute(
             insert(devices).values(
@@ -122,10 +122,6 @@ class DeviceRepository:
         if row is None:
             return None
         return self._hydrate([row])[0]
-
-    def state(self, device_id: str) -> DeviceState | None:
-        value = self._c.execute(select(devices.c.state).where(devices.c.id == device_id)).scalar()
-        return DeviceState(value) if value is not None else None
 
     def states(self, device_ids: Iterable[str]) -> dict[str, DeviceState]:
         ids = list(device_ids)
@@ -260,9 +256,6 @@ class CertificateRepository:
     def __init__(self, connection: Connection, *, is_sqlite: bool) -> None:
         self._c = connection
         self._sqlite = is_sqlite
-
-    def insert(self, record: CertificateRecord) -> None:
-        self.insert_many([record])
 
     def insert_many(self, records: Sequence[CertificateRecord]) -> None:
         if not records:
