@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import os
 import secrets
 import shutil
 import stat
@@ -38,7 +39,7 @@ from warden.core import (
     validate_fleet_domain,
     write_settings_file,
 )
-from warden.core.files import read_limited, write_private_file
+from warden.core.files import read_limited, write_file_atomic, write_private_file
 from warden.monitor import AuditEvent, AuditLog, CheckpointKey, CheckpointMirror
 from warden.pki import (
     ISSUING_KEY,
@@ -51,8 +52,11 @@ from warden.pki import (
     KeyStore,
     Profile,
     create_hierarchy,
+    key_csr,
     load_encrypted_key,
 )
+from warden.policy import TokenService
+from warden.provisioning import ProvisioningService
 from warden.registry import CertificateService, DeviceService, IssuancePolicy, RegistryUnitOfWork
 from warden.store import Database, GroupCommitter
 
@@ -63,6 +67,11 @@ ItemT = TypeVar("ItemT")
 R = TypeVar("R")
 
 PASSPHRASE_FILE = "keys/ca-passphrase"  # noqa: S105 - a file name, not a secret
+TOKEN_KEY_FILE = "keys/token-mac.key"  # noqa: S105 - a file name, not a secret
+SERVICE_CERT_FILE = "ca/service.pem"
+SERVICE_KEY_FILE = "keys/service.key.pem"
+HUB_CLIENT_CERT_FILE = "ca/hub-client.pem"
+HUB_CLIENT_KEY_FILE = "keys/hub-client.key.pem"
 
 
 def _passphrase_path(settings: Settings) -> Path:
@@ -219,6 +228,77 @@ class Hub:
             clock=self.clock,
             random=self.random,
         )
+        self._token_key: bytes | None = None
+        self._provisioning: ProvisioningService | None = None
+        self._tokens: TokenService | None = None
+        self.identities = HubIdentities(self)
+
+    @property
+    def provisioning(self) -> ProvisioningService:
+        if self._provisioning is None:
+            self._provisioning = ProvisioningService(
+                transactions=self.db.transaction,
+                certificates=self.certificates,
+                audit=self.audit,
+                clock=self.clock,
+                random=self.random,
+                token_key=self.token_key(),
+                fleet_domain=self.settings.fleet_domain,
+                chain=(self.ca.files.read(ISSUING_KEY), self.ca.files.read(ROOT_KEY)),
+                token_validity=dt.timedelta(days=self.settings.enrollment_token_days),
+            )
+        return self._provisioning
+
+    @property
+    def tokens(self) -> TokenService:
+        if self._tokens is None:
+            self._tokens = TokenService(
+                transactions=self.db.transaction,
+                audit=self.audit,
+                clock=self.clock,
+                random=self.random,
+                key=self.token_key(),
+            )
+        return self._tokens
+
+    def token_key(self) -> bytes:
+        """The hub-wide key under which token secrets are stored as HMACs (made on first use, mode 0600)."""
+        if self._token_key is None:
+            path = self.settings.data_dir / TOKEN_KEY_FILE
+            if not path.exists():
+                with contextlib.suppress(FileExistsError):
+                    _create_exclusive(path, self.random.token_bytes(32).hex().encode("ascii") + b"\n")
+            if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigurationError(f"{path} is readable by others", hint=f"run 'chmod 600 {path}'")
+            text = read_limited(path, 256, what="the token key").strip()
+            try:
+                key = bytes.fromhex(text.decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                key = b""
+            if len(key) != 32:
+                raise ConfigurationError(f"{path} does not hold a 256-bit hex key")
+            self._token_key = key
+        return self._token_key
+
+    def run_jobs(self, *, actor: str = "hub") -> list[str]:
+        """The hub's own upkeep, run by the worker that holds the leader lock: publish a CRL before the current one
+        is half-way to its nextUpdate, and renew the OCSP signer, service and hub-client certificates in the last
+        third of their lives. Returns what was done."""
+        done: list[str] = []
+        crl = self.certificates.publish_crl_if_due(actor=actor)
+        if crl is not None:
+            done.append(f"crl {crl.number}")
+        before = (
+            self.ca.files.read(OCSP_SIGNER_KEY).serial_number if self.ca.files.path(OCSP_SIGNER_KEY).exists() else None
+        )
+        self.certificates.ensure_ocsp_responder(actor=actor)
+        if self.ca.files.read(OCSP_SIGNER_KEY).serial_number != before:
+            done.append("ocsp-signer")
+        if self.identities.ensure_service(actor=actor):
+            done.append("service")
+        if self.identities.ensure_hub_client(actor=actor):
+            done.append("hub-client")
+        return done
 
     @classmethod
     def open(
@@ -314,6 +394,88 @@ class Hub:
                 AuditEvent(actor, "ca.export-root", "ca:root", details={"file": out.name, "key_removed": True}),
             )
             store.delete(ROOT_KEY)
+
+
+def _create_exclusive(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class HubIdentities:
+    """The hub's own TLS identities, issued by its CA and renewed in the last third of their lives: the ``service``
+    certificate of ``warden serve`` (``hub.<fleet-domain>`` plus configured names) and the ``hub-client``
+    certificate the hub presents to the broker. Keys are made fresh for every certificate and written 0600,
+    encrypted with the hub passphrase when there is one."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+
+    @property
+    def operator_provided(self) -> bool:
+        return self._hub.settings.service_cert_file is not None
+
+    def service_paths(self) -> tuple[Path, Path]:
+        settings = self._hub.settings
+        if settings.service_cert_file is not None:
+            if settings.service_key_file is None:
+                raise ConfigurationError("service_cert_file is set but service_key_file is not")
+            return settings.service_cert_file, settings.service_key_file
+        return settings.data_dir / SERVICE_CERT_FILE, settings.data_dir / SERVICE_KEY_FILE
+
+    def key_password(self) -> bytes | None:
+        """The password of the hub's own TLS keys (None when they are stored unencrypted, with a PKCS#11 CA)."""
+        if self._hub.settings.key_store != "file":
+            return None
+        return self._hub.passphrase()
+
+    def ensure_service(self, *, actor: str) -> bool:
+        """Issue or renew the service certificate when needed; True when a new one was written."""
+        if self.operator_provided:
+            return False
+        cert_path, key_path = self.service_paths()
+        names = self._hub.settings.service_names
+        return self._ensure(cert_path, key_path, names, Profile.SERVICE, actor)
+
+    def ensure_hub_client(self, *, actor: str) -> bool:
+        settings = self._hub.settings
+        return self._ensure(
+            settings.data_dir / HUB_CLIENT_CERT_FILE,
+            settings.data_dir / HUB_CLIENT_KEY_FILE,
+            (f"hub.{settings.fleet_domain}",),
+            Profile.HUB_CLIENT,
+            actor,
+        )
+
+    def _ensure(self, cert_path: Path, key_path: Path, names: tuple[str, ...], profile: Profile, actor: str) -> bool:
+        now = self._hub.clock.now()
+        if cert_path.exists() and key_path.exists():
+            current = x509.load_pem_x509_certificates(read_limited(cert_path, 256 * 1024, what=str(cert_path)))[0]
+            lifetime = current.not_valid_after_utc - current.not_valid_before_utc
+            try:
+                san = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                current_names = tuple(san.get_values_for_type(x509.DNSName))
+            except x509.ExtensionNotFound:
+                current_names = ()
+            if now < current.not_valid_after_utc - lifetime / 3 and current_names == names:
+                return False
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = key_csr(key, names[0])
+        issued = self._hub.certificates.issue_service(names=names, csr=csr, actor=actor, profile=profile)
+        password = self.key_password()
+        encryption: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+        )
+        write_private_file(
+            key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+        )
+        write_file_atomic(
+            cert_path, issued.pem + self._hub.ca.files.read(ISSUING_KEY).public_bytes(serialization.Encoding.PEM)
+        )
+        return True
 
 
 _VALIDITY = {

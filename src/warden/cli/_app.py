@@ -27,9 +27,11 @@ from warden.core import (
     resolve_data_dir,
     validate_tag,
 )
-from warden.core.files import read_limited, write_file_atomic
+from warden.core.files import read_limited, write_file_atomic, write_private_file
 from warden.hub import Hub, initialise
 from warden.pki import Profile
+from warden.policy import ApiToken, parse_role
+from warden.provisioning import EnrollmentGroup, EnrollmentStatus, IndividualEnrollment
 from warden.registry import CertificateStatus, DeviceState, parse_reason
 
 __all__ = ["app", "main", "run"]
@@ -48,7 +50,13 @@ cert_app = typer.Typer(help="Certificates: sign CSRs, renew, list, revoke.", no_
 ocsp_app = typer.Typer(help="OCSP (RFC 6960).", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+enrollment_app = typer.Typer(help="Onboarding: enrollment groups and individual enrollments.", no_args_is_help=True)
+enrollment_group_app = typer.Typer(help="Enrollment groups: trust a manufacturer CA.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens for the operator REST API.", no_args_is_help=True)
+enrollment_app.add_typer(enrollment_group_app, name="group")
 for sub, name in (
+    (enrollment_app, "enrollment"),
+    (token_app, "token"),
     (ca_app, "ca"),
     (group_app, "group"),
     (device_app, "device"),
@@ -606,6 +614,360 @@ def audit_checkpoint() -> None:
     with hub.db.transaction() as uow:
         checkpoint = hub.audit.checkpoint(uow)
     typer.echo(f"signed checkpoint at record {checkpoint.seq} ({checkpoint.hash[:16]}...)")
+
+
+# -- the hub server -----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on (default: listen_host).")] = None,
+    port: Annotated[int | None, typer.Option("--port", min=0, max=65535, help="Port (default: listen_port).")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, max=64, help="Worker processes; more than one needs PostgreSQL.")
+    ] = None,
+) -> None:
+    """Run the hub over HTTPS: EST, CRL and OCSP, the operator API, /healthz and /metrics."""
+    from warden.api import serve as run_server
+
+    settings = _settings()
+    run_server(
+        settings,
+        host=host or settings.listen_host,
+        port=settings.listen_port if port is None else port,
+        workers=workers or settings.workers,
+        announce=lambda line: typer.echo(line, err=True),
+    )
+
+
+# -- enrollment -------------------------------------------------------------------------------------------------
+
+
+def _enrollment_group_json(group: EnrollmentGroup) -> dict[str, object]:
+    return {
+        "name": group.name,
+        "enabled": group.enabled,
+        "id_field": str(group.id_field),
+        "profile": group.profile,
+        "validity_days": group.validity_days,
+        "tags": dict(group.tags),
+        "ca_fingerprints": list(group.ca_fingerprints),
+        "allow": sorted(group.allow),
+        "deny": sorted(group.deny),
+        "created_at": group.created_at.isoformat(),
+        "updated_at": group.updated_at.isoformat(),
+    }
+
+
+def _enrollment_json(enrollment: IndividualEnrollment) -> dict[str, object]:
+    def time(value: dt.datetime | None) -> str | None:
+        return value.isoformat() if value is not None else None
+
+    return {
+        "id": enrollment.id,
+        "device_id": enrollment.device_id,
+        "kind": str(enrollment.kind),
+        "status": str(enrollment.status),
+        "profile": enrollment.profile,
+        "validity_days": enrollment.validity_days,
+        "certificate_fingerprint": enrollment.certificate_fingerprint,
+        "created_at": time(enrollment.created_at),
+        "expires_at": time(enrollment.expires_at),
+        "used_at": time(enrollment.used_at),
+        "revoked_at": time(enrollment.revoked_at),
+    }
+
+
+def _read_ids(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    text = _read_input(path, 8 * 1024 * 1024, "the id list").decode("utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _parse_duration(text: str) -> dt.timedelta:
+    match = re.fullmatch(r"(\d{1,6})([mhd])", text.strip())
+    if match is None:
+        raise InvalidInputError(f"invalid duration {text[:30]!r}", hint="use e.g. 30m, 12h, 30d")
+    value, unit = int(match.group(1)), match.group(2)
+    return {"m": dt.timedelta(minutes=value), "h": dt.timedelta(hours=value), "d": dt.timedelta(days=value)}[unit]
+
+
+@enrollment_group_app.command("add")
+def enrollment_group_add(
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    ca: Annotated[
+        Path, typer.Option("--ca", help="PEM of the manufacturer CA that signs the onboarding certificates.")
+    ],
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="k=v tag given to enrolled devices; repeatable.")
+    ] = None,
+    profile: Annotated[str, typer.Option("--profile", help="device or gateway.")] = "device",
+    validity: Annotated[
+        int | None, typer.Option("--validity", min=1, max=825, help="Days (default: the profile's).")
+    ] = None,
+    id_field: Annotated[str, typer.Option("--id-field", help="Where the device id is: cn or serial-number.")] = "cn",
+    allow: Annotated[Path | None, typer.Option("--allow", help="File of device ids (one per line) allowed.")] = None,
+    deny: Annotated[Path | None, typer.Option("--deny", help="File of device ids (one per line) refused.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Trust a manufacturer CA: devices whose onboarding certificate chains to it enroll themselves."""
+    group = _hub().provisioning.add_group(
+        name,
+        ca_pem=_read_input(ca, DEFAULT_LIMITS.max_pem_file_bytes, "the CA file"),
+        actor=_actor(),
+        id_field=id_field,
+        profile=profile,
+        validity_days=validity,
+        tags=_parse_tags(tag),
+        allow=_read_ids(allow),
+        deny=_read_ids(deny),
+    )
+    if as_json:
+        emit_json(_enrollment_group_json(group))
+    else:
+        typer.echo(f"enrollment group {group.name} added (ids from {group.id_field}, profile {group.profile})")
+
+
+@enrollment_group_app.command("list")
+def enrollment_group_list(as_json: JsonOpt = False) -> None:
+    """List enrollment groups."""
+    groups = _hub().provisioning.list_groups()
+    if as_json:
+        emit_json([_enrollment_group_json(g) for g in groups])
+    else:
+        table(
+            ["name", "enabled", "id-field", "profile", "validity", "cas"],
+            [
+                (
+                    g.name,
+                    "yes" if g.enabled else "no",
+                    str(g.id_field),
+                    g.profile,
+                    g.validity_days or "-",
+                    len(g.ca_fingerprints),
+                )
+                for g in groups
+            ],
+        )
+
+
+@enrollment_group_app.command("show")
+def enrollment_group_show(name: Annotated[str, typer.Argument(metavar="NAME")], as_json: JsonOpt = False) -> None:
+    """Show one enrollment group."""
+    group = _hub().provisioning.get_group(name)
+    data = _enrollment_group_json(group)
+    if as_json:
+        emit_json(data)
+    else:
+        for key, value in data.items():
+            typer.echo(f"{key}: {value}")
+
+
+@enrollment_group_app.command("disable")
+def enrollment_group_disable(name: Annotated[str, typer.Argument(metavar="NAME")]) -> None:
+    """Stop enrolling through a group (a running hub's TLS trust store follows within seconds)."""
+    _hub().provisioning.set_group_enabled(name, False, actor=_actor())
+    typer.echo(f"enrollment group {name} disabled")
+
+
+@enrollment_group_app.command("enable")
+def enrollment_group_enable(name: Annotated[str, typer.Argument(metavar="NAME")]) -> None:
+    """Enroll through a disabled group again."""
+    _hub().provisioning.set_group_enabled(name, True, actor=_actor())
+    typer.echo(f"enrollment group {name} enabled")
+
+
+@enrollment_app.command("add")
+def enrollment_add(
+    device_id: Annotated[str, typer.Argument(metavar="DEVICE-ID")],
+    cert: Annotated[Path | None, typer.Option("--cert", help="The device's onboarding certificate (PEM).")] = None,
+    token: Annotated[bool, typer.Option("--token", help="Issue a one-time enrollment token instead.")] = False,
+    expires: Annotated[str, typer.Option("--expires", help="Token lifetime, e.g. 12h or 7d.")] = "",
+    profile: Annotated[str, typer.Option("--profile", help="device or gateway.")] = "device",
+    validity: Annotated[int | None, typer.Option("--validity", min=1, max=825, help="Days.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Enroll one device: bind it to an onboarding certificate, or give it a one-time token (shown once)."""
+    if (cert is None) == (not token):
+        raise InvalidInputError("give either --cert FILE or --token")
+    provisioning = _hub().provisioning
+    if cert is not None:
+        enrollment = provisioning.add_certificate_enrollment(
+            device_id,
+            certificate_pem=_read_input(cert, DEFAULT_LIMITS.max_pem_file_bytes, "the certificate"),
+            actor=_actor(),
+            profile=profile,
+            validity_days=validity,
+        )
+        if as_json:
+            emit_json(_enrollment_json(enrollment))
+        else:
+            typer.echo(f"enrollment {enrollment.id}: {device_id} bound to {enrollment.certificate_fingerprint}")
+        return
+    enrollment, secret = provisioning.add_token_enrollment(
+        device_id,
+        actor=_actor(),
+        expires_in=_parse_duration(expires) if expires else None,
+        profile=profile,
+        validity_days=validity,
+    )
+    if as_json:
+        emit_json({**_enrollment_json(enrollment), "token": str(secret)})
+    else:
+        typer.echo(f"enrollment {enrollment.id} for {device_id}, expires {enrollment.expires_at}")
+        typer.echo("token (shown once, single use):")
+        typer.echo(str(secret))
+
+
+@enrollment_app.command("list")
+def enrollment_list(
+    device: Annotated[str | None, typer.Option("--device", help="Only this device.")] = None,
+    status: Annotated[str | None, typer.Option("--status", help="active, used or revoked.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List individual enrollments."""
+    try:
+        wanted = EnrollmentStatus(status) if status else None
+    except ValueError:
+        raise InvalidInputError(f"unknown status {status!r}", hint="use active, used or revoked") from None
+    found = _hub().provisioning.list_enrollments(device_id=device, status=wanted)
+    if as_json:
+        emit_json([_enrollment_json(e) for e in found])
+    else:
+        table(
+            ["id", "device", "kind", "status", "expires"],
+            [
+                (e.id, e.device_id, str(e.kind), str(e.status), e.expires_at.isoformat() if e.expires_at else "-")
+                for e in found
+            ],
+        )
+
+
+@enrollment_app.command("revoke")
+def enrollment_revoke(enrollment_id: Annotated[str, typer.Argument(metavar="ENROLLMENT-ID")]) -> None:
+    """Revoke an individual enrollment (its token or certificate no longer onboards)."""
+    enrollment = _hub().provisioning.revoke_enrollment(enrollment_id, actor=_actor())
+    typer.echo(f"enrollment {enrollment.id} of {enrollment.device_id} revoked")
+
+
+@enrollment_app.command("rearm")
+def enrollment_rearm(
+    device_id: Annotated[str, typer.Argument(metavar="DEVICE-ID")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log).")] = "",
+) -> None:
+    """Allow one more onboarding of an enrolled device whose operational certificate was lost or expired. The next
+    onboarding revokes its earlier certificates."""
+    entry = _hub().provisioning.rearm(device_id, actor=_actor(), reason=reason)
+    typer.echo(f"re-onboarding of {device_id} armed until {entry.expires_at.isoformat(timespec='seconds')}")
+
+
+@enrollment_app.command("rebind")
+def enrollment_rebind(
+    device_id: Annotated[str, typer.Argument(metavar="DEVICE-ID")],
+    cert: Annotated[Path, typer.Option("--cert", help="The device's new onboarding certificate (PEM).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (required, audited).")],
+) -> None:
+    """Bind a device to a new onboarding certificate (after a repair that replaced its IDevID)."""
+    device = _hub().provisioning.rebind(
+        device_id,
+        certificate_pem=_read_input(cert, DEFAULT_LIMITS.max_pem_file_bytes, "the certificate"),
+        actor=_actor(),
+        reason=reason,
+    )
+    typer.echo(f"device {device.id} bound to onboarding identity {device.onboarding_fingerprint}")
+
+
+@device_app.command("import")
+def device_import(
+    path: Annotated[Path, typer.Argument(metavar="FILE", help="CSV with a device_id column ('-' for stdin).")],
+    tokens_out: Annotated[
+        Path | None, typer.Option("--tokens-out", help="Write the tokens of enrollment=token rows here (0600).")
+    ] = None,
+) -> None:
+    """Register devices (and their certificate or token enrollments) from CSV; all rows or none."""
+    if tokens_out is not None:
+        _check_out(tokens_out)
+        if tokens_out.exists():
+            raise InvalidInputError(f"{tokens_out} exists already", hint="choose a new file for the tokens")
+    data = _read_input(path, DEFAULT_LIMITS.max_csv_bytes, "the CSV file")
+    if b"enrollment" in data and b"token" in data and tokens_out is None:
+        raise InvalidInputError("rows with enrollment=token need --tokens-out FILE for their tokens")
+    count, tokens = _hub().provisioning.import_csv(data, actor=_actor())
+    if tokens and tokens_out is not None:
+        write_private_file(tokens_out, "".join(f"{d},{t}\n" for d, t in tokens).encode("ascii"))
+    typer.echo(f"imported {count} device(s), {len(tokens)} token(s)")
+
+
+@device_app.command("export")
+def device_export(
+    out: Annotated[Path | None, typer.Option("--out", help="Write here instead of standard output.")] = None,
+) -> None:
+    """Export every device with its active enrollment as CSV (tokens are never exported)."""
+    if out is not None:
+        _check_out(out)
+    text = _hub().provisioning.export_csv()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        write_file_atomic(out, text.encode("utf-8"))
+
+
+# -- API tokens -------------------------------------------------------------------------------------------------
+
+
+def _token_json(token: ApiToken) -> dict[str, object]:
+    return {
+        "id": token.id,
+        "name": token.name,
+        "role": str(token.role),
+        "created_at": token.created_at.isoformat(),
+        "expires_at": token.expires_at.isoformat(),
+        "revoked_at": token.revoked_at.isoformat() if token.revoked_at else None,
+        "created_by": token.created_by,
+    }
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option("--role", help="viewer, operator, security-admin or auditor.")],
+    expires: Annotated[str, typer.Option("--expires", help="Lifetime, e.g. 12h or 30d.")] = "30d",
+    name: Annotated[str, typer.Option("--name", help="A name to recognise it by.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API token; it is shown once."""
+    record, secret = _hub().tokens.create(
+        role=parse_role(role), expires_in=_parse_duration(expires), actor=_actor(), name=name
+    )
+    if as_json:
+        emit_json({**_token_json(record), "token": str(secret)})
+    else:
+        typer.echo(f"token {record.id} ({record.role}), expires {record.expires_at.isoformat(timespec='seconds')}")
+        typer.echo("token (shown once):")
+        typer.echo(str(secret))
+
+
+@token_app.command("list")
+def token_list(as_json: JsonOpt = False) -> None:
+    """List API tokens (never their secrets)."""
+    tokens = _hub().tokens.list()
+    if as_json:
+        emit_json([_token_json(t) for t in tokens])
+    else:
+        table(
+            ["id", "name", "role", "expires", "revoked"],
+            [
+                (t.id, t.name, str(t.role), t.expires_at.isoformat(timespec="seconds"), "yes" if t.revoked_at else "no")
+                for t in tokens
+            ],
+        )
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: Annotated[str, typer.Argument(metavar="TOKEN-ID")]) -> None:
+    """Revoke an API token at once."""
+    _hub().tokens.revoke(token_id, actor=_actor())
+    typer.echo(f"token {token_id} revoked")
 
 
 @db_app.command("upgrade")

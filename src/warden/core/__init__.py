@@ -4,6 +4,7 @@ from warden.core.clock import Clock, FixedClock, Random, SystemClock, SystemRand
 from warden.core.errors import (
     AlreadyExistsError,
     AuditIntegrityError,
+    AuthenticationError,
     ConfigurationError,
     CSRRejectedError,
     IllegalTransitionError,
@@ -14,7 +15,9 @@ from warden.core.errors import (
     NotFoundError,
     NotInitialisedError,
     OCSPRequestError,
+    PermissionDeniedError,
     PKIError,
+    RateLimitedError,
     StorageError,
     WardenError,
 )
@@ -28,6 +31,7 @@ from warden.core.ids import (
 )
 from warden.core.limits import DEFAULT_LIMITS, Limits
 from warden.core.settings import SETTINGS_FILE, Settings, load_settings, resolve_data_dir, write_settings_file
+from warden.core.tokens import Token, new_token, split_token, token_mac, verify_mac
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -35,6 +39,7 @@ __all__ = [
     "SETTINGS_FILE",
     "AlreadyExistsError",
     "AuditIntegrityError",
+    "AuthenticationError",
     "CSRRejectedError",
     "Clock",
     "ConfigurationError",
@@ -49,19 +54,26 @@ __all__ = [
     "NotInitialisedError",
     "OCSPRequestError",
     "PKIError",
+    "PermissionDeniedError",
     "Random",
+    "RateLimitedError",
     "Settings",
     "StorageError",
     "SystemClock",
     "SystemRandom",
+    "Token",
     "WardenError",
     "load_settings",
+    "new_token",
     "resolve_data_dir",
+    "split_token",
+    "token_mac",
     "utc",
     "validate_device_id",
     "validate_dns_name",
     "validate_fleet_domain",
     "validate_group_name",
     "validate_tag",
+    "verify_mac",
     "write_settings_file",
 ]

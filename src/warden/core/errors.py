@@ -18,6 +18,9 @@ boundary (``raise ... from e``) so callers only ever catch ours::
     |   +-- OCSPRequestError          malformed or unsupported OCSP request
     +-- StorageError                  the database failed or is at the wrong schema revision
     +-- AuditIntegrityError           the audit chain does not verify
+    +-- AuthenticationError           no credentials, or credentials that do not verify (HTTP 401)
+    +-- PermissionDeniedError         authenticated, but not allowed to do this (HTTP 403)
+    +-- RateLimitedError              too many requests from one client or address (HTTP 429)
 
 Each error carries a one-line message a user can act on, an optional hint, and structured context that never holds
 secrets. ``diagnostics()`` renders both for the CLI.
@@ -30,6 +33,7 @@ from collections.abc import Mapping
 __all__ = [
     "AlreadyExistsError",
     "AuditIntegrityError",
+    "AuthenticationError",
     "CSRRejectedError",
     "ConfigurationError",
     "IllegalTransitionError",
@@ -41,6 +45,8 @@ __all__ = [
     "NotInitialisedError",
     "OCSPRequestError",
     "PKIError",
+    "PermissionDeniedError",
+    "RateLimitedError",
     "StorageError",
     "WardenError",
 ]
@@ -119,3 +125,19 @@ class StorageError(WardenError):
 
 class AuditIntegrityError(WardenError):
     exit_code = 9
+
+
+class AuthenticationError(WardenError):
+    exit_code = 10
+
+
+class PermissionDeniedError(WardenError):
+    exit_code = 11
+
+
+class RateLimitedError(WardenError):
+    exit_code = 12
+
+    def __init__(self, message: str, *, retry_after: float, hint: str | None = None, **context: object) -> None:
+        super().__init__(message, hint=hint, **context)
+        self.retry_after = retry_after

@@ -27,6 +27,17 @@ class Limits:
     max_pem_file_bytes: int = 256 * 1024
     #: how many audit records one `audit list` returns at most
     max_audit_list: int = 100_000
+    #: an HTTP request body of the operator API (EST and OCSP routes set far smaller ones)
+    max_request_body_bytes: int = 4 * 1024 * 1024
+    #: a PEM bundle of trusted manufacturer CAs for one enrollment group
+    max_ca_bundle_certs: int = 16
+    #: a CSV import
+    max_csv_bytes: int = 32 * 1024 * 1024
+    max_csv_rows: int = 200_000
+    #: entries of one enrollment group's allow or deny list
+    max_id_list_entries: int = 100_000
+    #: one page of an API listing
+    max_page_size: int = 1000
     #: the RSA modulus sizes Warden accepts in a CSR
     min_rsa_bits: int = 2048
     max_rsa_bits: int = 8192

@@ -57,6 +57,30 @@ class Settings(BaseSettings):
     public_url: str = ""
     audit_checkpoint_every: int = Field(default=1000, ge=1, le=1_000_000)
 
+    # -- the hub server (warden serve) --
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=8443, ge=1, le=65535)
+    #: extra DNS names for the hub's service certificate besides ``hub.<fleet-domain>``, comma-separated
+    hub_names: str = ""
+    #: an operator-provided TLS certificate chain (PEM) and key for the hub; empty: Warden issues its own
+    service_cert_file: Path | None = None
+    service_key_file: Path | None = None
+    #: hub processes; more than one needs PostgreSQL
+    workers: int = Field(default=1, ge=1, le=64)
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: EST rate limits: requests per second (and burst) per source address and per client identity
+    enroll_rate_per_address: float = Field(default=20.0, gt=0, le=100_000)
+    enroll_burst_per_address: int = Field(default=40, ge=1, le=1_000_000)
+    enroll_rate_per_client: float = Field(default=1.0, gt=0, le=100_000)
+    enroll_burst_per_client: int = Field(default=5, ge=1, le=1_000_000)
+    #: at most this many addresses and identities are tracked per limiter (memory stays bounded)
+    rate_limit_max_keys: int = Field(default=100_000, ge=100, le=10_000_000)
+    #: default lifetime of a one-time enrollment token
+    enrollment_token_days: int = Field(default=7, ge=1, le=365)
+    #: how often background jobs (CRL, certificate renewal, trust store) run
+    jobs_interval_seconds: float = Field(default=30.0, ge=0.5, le=3600)
+
     @field_validator("fleet_domain")
     @classmethod
     def _fleet_domain(cls, value: str) -> str:
@@ -71,6 +95,12 @@ class Settings(BaseSettings):
         if value and not value.startswith(("https://", "http://")):
             raise ValueError("public_url must start with https:// or http://")
         return value.rstrip("/")
+
+    @field_validator("hub_names")
+    @classmethod
+    def _hub_names(cls, value: str) -> str:
+        names = [n.strip().lower() for n in value.split(",") if n.strip()]
+        return ",".join(names)
 
     @classmethod
     def settings_customise_sources(
@@ -87,6 +117,12 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'warden.db'}"
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        """The DNS names of the hub's own service certificate: ``hub.<fleet-domain>`` first."""
+        extra = [n for n in self.hub_names.split(",") if n]
+        return tuple(dict.fromkeys([f"hub.{self.fleet_domain}", *extra]))
 
     @property
     def settings_path(self) -> Path:

@@ -1,7 +1,14 @@
 """The device registry: devices, device groups, certificate records, the device state machine, and the
 certificate use cases (issue, renew, revoke, CRL, OCSP) that tie the PKI to them."""
 
-from warden.registry._certificates import CertificateService, IssuancePolicy, IssuedCertificate, parse_reason
+from warden.registry._certificates import (
+    CertificateService,
+    IssuancePolicy,
+    IssuedCertificate,
+    IssueHooks,
+    Refusal,
+    parse_reason,
+)
 from warden.registry._devices import DeviceService
 from warden.registry._model import (
     CertificateRecord,
@@ -9,6 +16,7 @@ from warden.registry._model import (
     Device,
     DeviceGroup,
     DeviceState,
+    PublishedCrl,
     check_transition,
     format_serial,
 )
@@ -16,6 +24,7 @@ from warden.registry._ports import (
     CAProvider,
     CertificateStore,
     CounterStore,
+    CrlStore,
     DeviceStore,
     GroupStore,
     RegistryUnitOfWork,
@@ -30,6 +39,7 @@ __all__ = [
     "CertificateStatus",
     "CertificateStore",
     "CounterStore",
+    "CrlStore",
     "Device",
     "DeviceGroup",
     "DeviceService",
@@ -37,7 +47,10 @@ __all__ = [
     "DeviceStore",
     "GroupStore",
     "IssuancePolicy",
+    "IssueHooks",
     "IssuedCertificate",
+    "PublishedCrl",
+    "Refusal",
     "RegistryUnitOfWork",
     "Transactions",
     "Writer",

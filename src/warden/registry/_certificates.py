@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -48,10 +49,17 @@ from warden.pki import (
     parse_ocsp_request,
 )
 from warden.pki import CertificateStatus as OCSPStatus
-from warden.registry._model import CertificateRecord, CertificateStatus, DeviceState
+from warden.registry._model import CertificateRecord, CertificateStatus, Device, DeviceState, PublishedCrl
 from warden.registry._ports import CAProvider, RegistryUnitOfWork, Transactions, Writer
 
-__all__ = ["CertificateService", "IssuancePolicy", "IssuedCertificate", "parse_reason"]
+__all__ = [
+    "CertificateService",
+    "IssuancePolicy",
+    "IssueHooks",
+    "IssuedCertificate",
+    "Refusal",
+    "parse_reason",
+]
 
 _ISSUABLE = frozenset({DeviceState.PENDING, DeviceState.ACTIVE})
 _DEVICE_PROFILES = frozenset({Profile.DEVICE, Profile.GATEWAY})
@@ -79,6 +87,25 @@ class IssuedCertificate:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why an issuance hook refuses a request, and the audit events the refusal raises besides the denial itself."""
+
+    reason: str
+    details: Mapping[str, object] = field(default_factory=dict)
+    events: tuple[AuditEvent, ...] = ()
+
+
+class IssueHooks(Protocol):
+    """Work another context does inside the issuing transaction (provisioning: tokens, onboarding identities).
+
+    ``check`` runs before the device's state is checked and may refuse; ``recorded`` runs once the certificate is
+    signed and returns the audit events of what it changed. Both see every earlier request of the same batch."""
+
+    def check(self, uow: RegistryUnitOfWork, now: dt.datetime) -> Refusal | None: ...
+    def recorded(self, uow: RegistryUnitOfWork, record: CertificateRecord, now: dt.datetime) -> list[AuditEvent]: ...
+
+
+@dataclass(frozen=True, slots=True)
 class _PendingIssue:
     """A request waiting to be verified, checked, signed and recorded."""
 
@@ -90,6 +117,10 @@ class _PendingIssue:
     action: str
     renew: bool
     revoke_superseded: bool
+    validity: dt.timedelta | None = None
+    #: registered (as pending) in the issuing transaction when it does not exist yet, and only if issuance succeeds
+    new_device: Device | None = None
+    hooks: IssueHooks | None = None
 
 
 def _issue_details(
@@ -200,6 +231,40 @@ class CertificateService:
                 )
         return self._issue(csr, profile, identity, actor, device_id=None, action="certificate.issue")
 
+    def enroll(
+        self,
+        *,
+        device_id: str,
+        csr: bytes,
+        actor: str,
+        action: str,
+        profile: Profile = Profile.DEVICE,
+        validity: dt.timedelta | None = None,
+        renew: bool = False,
+        new_device: Device | None = None,
+        hooks: IssueHooks | None = None,
+    ) -> IssuedCertificate:
+        """Issuance on behalf of another context's use case (EST enrollment and re-enrollment): ``hooks`` run in
+        the issuing transaction, ``new_device`` is registered there if it does not exist, and ``validity`` overrides
+        the profile's default (it is capped by the profile's maximum in the PKI)."""
+        if profile not in _DEVICE_PROFILES:
+            raise InvalidInputError(f"profile {profile} is not for devices", hint="use 'device' or 'gateway'")
+        if new_device is not None and new_device.id != device_id:
+            raise ValueError("new_device must carry device_id")
+        identity = IssuedIdentity.for_device(device_id, self._policy.fleet_domain)
+        return self._issue(
+            csr,
+            profile,
+            identity,
+            actor,
+            device_id=device_id,
+            action=action,
+            renew=renew,
+            validity=validity,
+            new_device=new_device,
+            hooks=hooks,
+        )
+
     def _issue(
         self,
         csr: bytes,
@@ -211,6 +276,9 @@ class CertificateService:
         action: str,
         renew: bool = False,
         revoke_superseded: bool = False,
+        validity: dt.timedelta | None = None,
+        new_device: Device | None = None,
+        hooks: IssueHooks | None = None,
     ) -> IssuedCertificate:
         # An oversized request never reaches the writer's queue.
         check_csr_size(csr, limits=self._policy.limits)
@@ -223,6 +291,9 @@ class CertificateService:
             action=action,
             renew=renew,
             revoke_superseded=revoke_superseded,
+            validity=validity,
+            new_device=new_device,
+            hooks=hooks,
         )
         result = self._write(self._issue_batch, pending)
         if isinstance(result, WardenError):
@@ -265,7 +336,18 @@ class CertificateService:
                 # A renewal looks at the device's certificates: those signed earlier in this batch must be there.
                 uow.certificates.insert_many(records)
                 records = []
+            if item.hooks is not None:
+                hook_refusal = item.hooks.check(uow, now)
+                if hook_refusal is not None:
+                    events.extend(hook_refusal.events)
+                    details = {"reason": hook_refusal.reason, **hook_refusal.details}
+                    events.append(AuditEvent(item.actor, item.action, target, "denied", details))
+                    results.append(IssuanceRefusedError(hook_refusal.reason, target=target))
+                    continue
             state = states.get(device_id) if device_id is not None else None
+            create = item.new_device is not None and state is None
+            if create:
+                state = DeviceState.PENDING
             if device_id is not None:
                 if state is None:
                     results.append(
@@ -286,10 +368,29 @@ class CertificateService:
             issued = self._sign(authority, item, request, now)
             # Later requests in the same batch see this certificate's key as in use.
             uses.append((target, CertificateStatus.GOOD))
+            if create:
+                assert item.new_device is not None
+                uow.devices.insert(item.new_device)
+                states[item.new_device.id] = DeviceState.PENDING
+                events.append(
+                    AuditEvent(
+                        item.actor,
+                        "device.add",
+                        target,
+                        details={
+                            "groups": list(item.new_device.groups),
+                            "tags": dict(item.new_device.tags),
+                            "state": "pending",
+                            "reason": "enrollment",
+                        },
+                    )
+                )
             records.append(issued.record)
             events.append(
                 AuditEvent(item.actor, item.action, target, details=_issue_details(item, request, issued.record))
             )
+            if item.hooks is not None:
+                events.extend(item.hooks.recorded(uow, issued.record, now))
             results.append(issued)
             if device_id is None:
                 continue
@@ -330,7 +431,7 @@ class CertificateService:
             identity=item.identity,
             serial=new_serial(self._random.token_bytes(16)),
             now=now,
-            validity=self._policy.validity[item.profile],
+            validity=item.validity or self._policy.validity[item.profile],
         )
         record = CertificateRecord(
             serial=certificate.serial_number,
@@ -378,6 +479,17 @@ class CertificateService:
     def find(self, *, device_id: str | None = None, status: CertificateStatus | None = None) -> list[CertificateRecord]:
         with self._tx(readonly=True) as uow:
             return uow.certificates.find(device_id=device_id, status=status)
+
+    def page(
+        self,
+        *,
+        device_id: str | None = None,
+        status: CertificateStatus | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[CertificateRecord]:
+        with self._tx(readonly=True) as uow:
+            return uow.certificates.page(device_id=device_id, status=status, limit=limit, after=after)
 
     def get(self, serial: int) -> CertificateRecord:
         with self._tx(readonly=True) as uow:
@@ -433,6 +545,15 @@ class CertificateService:
                 validity=self._policy.crl_validity,
             )
             assert crl.next_update_utc is not None
+            uow.crls.publish(
+                PublishedCrl(
+                    number=number,
+                    this_update=crl.last_update_utc,
+                    next_update=crl.next_update_utc,
+                    der=crl.public_bytes(serialization.Encoding.DER),
+                    entries=len(entries),
+                )
+            )
             self._audit.append(
                 uow,
                 AuditEvent(
@@ -447,6 +568,26 @@ class CertificateService:
                 ),
             )
         return crl
+
+    def current_crl(self) -> PublishedCrl | None:
+        """The newest published CRL."""
+        with self._tx(readonly=True) as uow:
+            return uow.crls.latest()
+
+    def crl_number(self) -> int | None:
+        with self._tx(readonly=True) as uow:
+            return uow.crls.latest_number()
+
+    def publish_crl_if_due(self, *, actor: str) -> PublishedCrl | None:
+        """Issue a new CRL when there is none or half of the current one's validity has passed, so that relying
+        parties (the broker refuses every client on an expired CRL) always hold one with a long time to run.
+        Returns the new CRL, or None when the current one is still fresh."""
+        current = self.current_crl()
+        now = self._clock.now()
+        if current is not None and now < current.this_update + (current.next_update - current.this_update) / 2:
+            return None
+        self.issue_crl(actor=actor)
+        return self.current_crl()
 
     def ocsp_respond(self, request_der: bytes, *, actor: str) -> bytes:
         """A signed OCSP response (DER) for one DER request."""

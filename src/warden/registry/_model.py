@@ -20,6 +20,7 @@ __all__ = [
     "Device",
     "DeviceGroup",
     "DeviceState",
+    "PublishedCrl",
     "check_transition",
 ]
 
@@ -110,3 +111,14 @@ def format_serial(serial: int) -> str:
     """Serials print as colon-free upper-case hex, as ``openssl x509 -serial`` shows them."""
     text = f"{serial:X}"
     return text if len(text) % 2 == 0 else "0" + text
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedCrl:
+    """The CRL the hub serves at ``/pki/crl`` and hands to the broker."""
+
+    number: int
+    this_update: dt.datetime
+    next_update: dt.datetime
+    der: bytes
+    entries: int

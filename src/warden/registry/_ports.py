@@ -13,12 +13,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from warden.monitor import AuditStore
 from warden.pki import CertificateAuthority
-from warden.registry._model import CertificateRecord, CertificateStatus, Device, DeviceGroup, DeviceState
+from warden.registry._model import (
+    CertificateRecord,
+    CertificateStatus,
+    Device,
+    DeviceGroup,
+    DeviceState,
+    PublishedCrl,
+)
 
 __all__ = [
     "CAProvider",
     "CertificateStore",
     "CounterStore",
+    "CrlStore",
     "DeviceStore",
     "GroupStore",
     "RegistryUnitOfWork",
@@ -46,6 +54,9 @@ class DeviceStore(Protocol):
     def set_state(self, device_id: str, state: DeviceState, now: dt.datetime) -> None: ...
     def set_states(self, device_ids: Iterable[str], state: DeviceState, now: dt.datetime) -> None: ...
     def set_onboarding_fingerprint(self, device_id: str, fingerprint: str | None, now: dt.datetime) -> None: ...
+    def by_onboarding(self, fingerprint: str) -> Device | None:
+        """The device bound to this onboarding identity fingerprint, if any."""
+        ...
 
 
 class GroupStore(Protocol):
@@ -67,8 +78,30 @@ class CertificateStore(Protocol):
     def find(
         self, *, device_id: str | None = None, status: CertificateStatus | None = None
     ) -> list[CertificateRecord]: ...
+    def page(
+        self,
+        *,
+        device_id: str | None = None,
+        status: CertificateStatus | None = None,
+        limit: int,
+        after: str | None = None,
+    ) -> list[CertificateRecord]:
+        """Up to ``limit`` records ordered by their serial's hex text; ``after`` is an exclusive cursor on it."""
+        ...
+
     def revoke(self, serial: int, *, revoked_at: dt.datetime, reason: str) -> None: ...
     def revoked(self, *, not_expired_at: dt.datetime | None = None) -> Iterator[tuple[int, dt.datetime, str]]: ...
+
+
+class CrlStore(Protocol):
+    def publish(self, crl: PublishedCrl) -> None:
+        """Record a newly issued CRL (its number is unique and higher than every earlier one)."""
+        ...
+
+    def latest(self) -> PublishedCrl | None: ...
+    def latest_number(self) -> int | None:
+        """The newest CRL's number without loading it (a cheap change check for caches)."""
+        ...
 
 
 class CounterStore(Protocol):
@@ -84,6 +117,8 @@ class RegistryUnitOfWork(Protocol):
     def certificates(self) -> CertificateStore: ...
     @property
     def counters(self) -> CounterStore: ...
+    @property
+    def crls(self) -> CrlStore: ...
     @property
     def audit(self) -> AuditStore: ...
     def after_commit(self, callback: Callable[[], None]) -> None: ...

@@ -1,7 +1,8 @@
-"""Storage: SQLAlchemy tables, Alembic migrations, and the repositories that implement the registry's and the
-audit log's storage protocols. SQLAlchemy and Alembic are used nowhere else."""
+"""Storage: SQLAlchemy tables, Alembic migrations, and the repositories that implement the storage protocols of the
+registry, the audit log, provisioning and the policy context; leader locks for singleton jobs. SQLAlchemy and
+Alembic are used nowhere else."""
 
-from warden.store._db import SCHEMA_REVISION, Database, GroupCommitter
+from warden.store._db import SCHEMA_REVISION, Database, GroupCommitter, LeaderLock
 from warden.store._repos import UnitOfWork
 
-__all__ = ["SCHEMA_REVISION", "Database", "GroupCommitter", "UnitOfWork"]
+__all__ = ["SCHEMA_REVISION", "Database", "GroupCommitter", "LeaderLock", "UnitOfWork"]

@@ -7,16 +7,22 @@ Invariants:
 - PostgreSQL runs at READ COMMITTED; the rows that serialise work (the audit head, counters) are taken with
   ``SELECT ... FOR UPDATE``.
 - Either every change of a unit of work commits, with its audit records, or none does.
+- A singleton job (one CRL publisher, one expiry sweeper, ...) runs only while it holds its leader lock
+  (:meth:`Database.try_leader_lock`): a PostgreSQL session-level advisory lock, held by a dedicated connection, so
+  among all hub processes on one database at most one holds each name, and a crashed holder's lock is freed by the
+  server when its connection drops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, create_engine, event, inspect, text
@@ -26,7 +32,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemy
 from warden.core import AlreadyExistsError, ConfigurationError, StorageError, WardenError
 from warden.store._repos import UnitOfWork
 
-__all__ = ["SCHEMA_REVISION", "Database", "GroupCommitter"]
+__all__ = ["SCHEMA_REVISION", "Database", "GroupCommitter", "LeaderLock"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,7 +40,7 @@ R = TypeVar("R")
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 #: the newest migration; a test checks that it is Alembic's head
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
@@ -69,9 +75,65 @@ class Database:
                 raise ConfigurationError(
                     f"unsupported database URL ({type(e).__name__})", hint="use sqlite:/// or postgresql+psycopg://"
                 ) from None
+        self._leader_guard = threading.RLock()
+        #: the leader locks this object holds, by name (released by :meth:`dispose`)
+        self._leaders: dict[str, LeaderLock] = {}
 
     def dispose(self) -> None:
+        with self._leader_guard:
+            held = list(self._leaders.values())
+        for lock in held:
+            lock.release()
         self.engine.dispose()
+
+    # -- leader election ----------------------------------------------------------------------------------------
+
+    def try_leader_lock(self, name: str) -> LeaderLock | None:
+        """Take the leader lock ``name`` without waiting: a :class:`LeaderLock` if this caller now holds it, None if
+        someone else does. Release it with :meth:`LeaderLock.release` (or use it as a context manager); a job should
+        check :attr:`LeaderLock.held` before each round of work, since a lost connection loses the lock.
+
+        On PostgreSQL this is ``pg_try_advisory_lock`` on a 64-bit key derived from ``name``, taken on a connection
+        of its own that stays open (in autocommit, never idle in a transaction) until the lock is released: it
+        excludes every other holder on the same database, in this process or another. On SQLite, where only one
+        process serves a database, the lock is exclusive among the callers of this ``Database`` object only."""
+        with self._leader_guard:
+            current = self._leaders.get(name)
+            if current is not None:
+                if current.held:
+                    return None
+                current.release()
+            if self.is_sqlite:
+                lock = LeaderLock(name, on_release=self._forget_leader)
+            else:
+                lock_or_none = self._try_advisory_lock(name)
+                if lock_or_none is None:
+                    return None
+                lock = lock_or_none
+            self._leaders[name] = lock
+            return lock
+
+    def _try_advisory_lock(self, name: str) -> LeaderLock | None:
+        key = leader_lock_key(name)
+        try:
+            connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        except SQLAlchemyError as e:
+            raise StorageError(f"the database failed: {_short(e)}", hint=_hint(self.url)) from e
+        try:
+            acquired = bool(connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar())
+        except SQLAlchemyError as e:
+            _close_quietly(connection, invalidate=True)
+            raise StorageError(f"the database failed: {_short(e)}", hint=_hint(self.url)) from e
+        if not acquired:
+            _close_quietly(connection, invalidate=False)
+            return None
+        return LeaderLock(name, connection=connection, on_release=self._forget_leader)
+
+    def _forget_leader(self, lock: LeaderLock) -> None:
+        # Called by LeaderLock.release; re-entrant, as try_leader_lock releases a lost lock while holding the guard.
+        with self._leader_guard:
+            if self._leaders.get(lock.name) is lock:
+                del self._leaders[lock.name]
 
     @contextlib.contextmanager
     def transaction(self, *, readonly: bool = False) -> Iterator[UnitOfWork]:
@@ -171,6 +233,72 @@ class Database:
                 f"the database schema is at revision {current}, this Warden expects {SCHEMA_REVISION}",
                 hint="run 'warden db upgrade'",
             )
+
+
+def leader_lock_key(name: str) -> int:
+    """The PostgreSQL advisory lock key (a signed 64-bit integer) of leader lock ``name``: stable across processes
+    and versions, and namespaced so that it does not collide with other applications' keys by accident."""
+    digest = hashlib.sha256(f"warden.leader:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class LeaderLock:
+    """A held leader lock (see :meth:`Database.try_leader_lock`). Thread-safe; release is idempotent."""
+
+    def __init__(
+        self, name: str, *, connection: Connection | None = None, on_release: Callable[[LeaderLock], None]
+    ) -> None:
+        self.name = name
+        self._connection = connection
+        self._on_release = on_release
+        self._guard = threading.Lock()
+        self._released = False
+
+    @property
+    def held(self) -> bool:
+        """Whether the lock is still held. On PostgreSQL this asks the server (``SELECT 1`` on the lock's
+        connection): a connection that died took the lock with it, and the lock then counts as released."""
+        with self._guard:
+            if self._released:
+                return False
+            if self._connection is None:
+                return True
+            try:
+                self._connection.execute(text("SELECT 1")).scalar()
+                return True
+            except SQLAlchemyError:
+                log.warning("the connection holding leader lock %r was lost", self.name)
+        self.release()
+        return False
+
+    def release(self) -> None:
+        """Give the lock up. The PostgreSQL connection is closed for good (not returned to the pool), which frees
+        the advisory lock even if an explicit unlock could not be sent."""
+        with self._guard:
+            if self._released:
+                return
+            self._released = True
+            connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": leader_lock_key(self.name)})
+            _close_quietly(connection, invalidate=True)
+        self._on_release(self)
+
+    def __enter__(self) -> LeaderLock:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def _close_quietly(connection: Connection, *, invalidate: bool) -> None:
+    with contextlib.suppress(SQLAlchemyError):
+        if invalidate:
+            connection.invalidate()
+        connection.close()
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:

@@ -1,4 +1,5 @@
-"""Repositories: the storage protocols of the registry and the monitor, implemented on SQLAlchemy Core."""
+"""Repositories: the storage protocols of the registry, the monitor, provisioning and the policy context, implemented
+on SQLAlchemy Core."""
 
 from __future__ import annotations
 
@@ -8,21 +9,43 @@ import json
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, delete, func, insert, select, update
 
 from warden.core import AlreadyExistsError, StorageError
 from warden.monitor import GENESIS_HASH, AuditRecord, Checkpoint, canonical_details
-from warden.registry import CertificateRecord, CertificateStatus, Device, DeviceGroup, DeviceState, format_serial
+from warden.policy import ApiToken, Role
+from warden.provisioning import (
+    EnrollmentGroup,
+    EnrollmentKind,
+    EnrollmentStatus,
+    IdField,
+    IndividualEnrollment,
+    Reonboarding,
+)
+from warden.registry import (
+    CertificateRecord,
+    CertificateStatus,
+    Device,
+    DeviceGroup,
+    DeviceState,
+    PublishedCrl,
+    format_serial,
+)
 from warden.store._tables import (
+    api_tokens,
     audit_checkpoints,
     audit_head,
     audit_log,
     certificates,
     counters,
+    crls,
     device_group_members,
     device_groups,
     device_tags,
     devices,
+    enrollment_groups,
+    enrollments,
+    reonboarding,
     sqlite_time,
 )
 
@@ -67,6 +90,11 @@ class UnitOfWork:
         self.certificates = CertificateRepository(connection, is_sqlite=is_sqlite)
         self.audit = AuditRepository(connection, is_sqlite=is_sqlite)
         self.counters = CounterRepository(connection, lock=not is_sqlite)
+        self.crls = CrlRepository(connection)
+        self.enrollment_groups = EnrollmentGroupRepository(connection, self.counters)
+        self.enrollments = EnrollmentRepository(connection, self.counters)
+        self.reonboarding = ReonboardingRepository(connection)
+        self.tokens = TokenRepository(connection)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         self.callbacks.append(callback)
@@ -204,6 +232,10 @@ class DeviceRepository:
             update(devices).where(devices.c.id == device_id).values(onboarding_fingerprint=fingerprint, updated_at=now)
         )
 
+    def by_onboarding(self, fingerprint: str) -> Device | None:
+        row = self._c.execute(select(devices).where(devices.c.onboarding_fingerprint == fingerprint)).first()
+        return self._hydrate([row])[0] if row is not None else None
+
     def count(self) -> int:
         return int(self._c.execute(select(func.count()).select_from(devices)).scalar_one())
 
@@ -325,6 +357,23 @@ class CertificateRepository:
             query = query.where(certificates.c.device_id == device_id)
         if status is not None:
             query = query.where(certificates.c.status == str(status))
+        return [_certificate(r) for r in self._c.execute(query)]
+
+    def page(
+        self,
+        *,
+        device_id: str | None = None,
+        status: CertificateStatus | None = None,
+        limit: int,
+        after: str | None = None,
+    ) -> list[CertificateRecord]:
+        query = select(certificates).order_by(certificates.c.serial).limit(limit)
+        if device_id is not None:
+            query = query.where(certificates.c.device_id == device_id)
+        if status is not None:
+            query = query.where(certificates.c.status == str(status))
+        if after is not None:
+            query = query.where(certificates.c.serial > after)
         return [_certificate(r) for r in self._c.execute(query)]
 
     def revoke(self, serial: int, *, revoked_at: dt.datetime, reason: str) -> None:
@@ -501,3 +550,310 @@ class CounterRepository:
         value = int(current) + 1
         self._c.execute(update(counters).where(counters.c.name == name).values(value=value))
         return value
+
+    def read(self, name: str) -> int:
+        """The current value of counter ``name``, without allocating (and without a lock)."""
+        current = self._c.execute(select(counters.c.value).where(counters.c.name == name)).scalar()
+        if current is None:
+            raise StorageError(f"the counter {name!r} is missing", hint="the database was not migrated by Warden")
+        return int(current)
+
+
+class CrlRepository:
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+
+    def publish(self, crl: PublishedCrl) -> None:
+        self._c.execute(
+            insert(crls).values(
+                number=crl.number,
+                this_update=crl.this_update,
+                next_update=crl.next_update,
+                der=crl.der,
+                entries=crl.entries,
+            )
+        )
+
+    def latest(self) -> PublishedCrl | None:
+        row = self._c.execute(select(crls).order_by(crls.c.number.desc()).limit(1)).first()
+        if row is None:
+            return None
+        return PublishedCrl(
+            number=int(row.number),
+            this_update=row.this_update,
+            next_update=row.next_update,
+            der=bytes(row.der),
+            entries=int(row.entries),
+        )
+
+    def latest_number(self) -> int | None:
+        number = self._c.execute(select(func.max(crls.c.number))).scalar()
+        return int(number) if number is not None else None
+
+
+# Change counters (rows of ``counters``): bumped in the transaction that makes the change, so a cache that compares
+# them sees every committed change and nothing that was rolled back.
+_GROUPS_VERSION = "enrollment_groups"
+_CERTIFICATES_VERSION = "enrollment_certificates"
+
+
+class EnrollmentGroupRepository:
+    def __init__(self, connection: Connection, counters_: CounterRepository) -> None:
+        self._c = connection
+        self._counters = counters_
+
+    def insert(self, group: EnrollmentGroup) -> None:
+        if self._c.execute(select(enrollment_groups.c.name).where(enrollment_groups.c.name == group.name)).first():
+            raise AlreadyExistsError(f"enrollment group {group.name!r} exists already", hint="choose another name")
+        self._c.execute(
+            insert(enrollment_groups).values(
+                name=group.name,
+                ca_pem=group.ca_pem,
+                ca_fingerprints=json.dumps(list(group.ca_fingerprints)),
+                id_field=str(group.id_field),
+                profile=group.profile,
+                validity_days=group.validity_days,
+                tags=json.dumps(dict(group.tags), sort_keys=True),
+                enabled=group.enabled,
+                allow_list=json.dumps(sorted(group.allow)),
+                deny_list=json.dumps(sorted(group.deny)),
+                created_at=group.created_at,
+                updated_at=group.updated_at,
+            )
+        )
+        self._counters.next(_GROUPS_VERSION)
+
+    def get(self, name: str) -> EnrollmentGroup | None:
+        row = self._c.execute(select(enrollment_groups).where(enrollment_groups.c.name == name)).first()
+        return _enrollment_group(row) if row is not None else None
+
+    def find(self, *, enabled: bool | None = None) -> list[EnrollmentGroup]:
+        query = select(enrollment_groups).order_by(enrollment_groups.c.name)
+        if enabled is not None:
+            query = query.where(enrollment_groups.c.enabled == enabled)
+        return [_enrollment_group(r) for r in self._c.execute(query)]
+
+    def set_enabled(self, name: str, enabled: bool, now: dt.datetime) -> None:
+        result = self._c.execute(
+            update(enrollment_groups).where(enrollment_groups.c.name == name).values(enabled=enabled, updated_at=now)
+        )
+        if result.rowcount:
+            self._counters.next(_GROUPS_VERSION)
+
+    def version(self) -> str:
+        return str(self._counters.read(_GROUPS_VERSION))
+
+
+def _enrollment_group(row: Row[Any]) -> EnrollmentGroup:
+    return EnrollmentGroup(
+        name=row.name,
+        ca_pem=row.ca_pem,
+        ca_fingerprints=tuple(json.loads(row.ca_fingerprints)),
+        id_field=IdField(row.id_field),
+        profile=row.profile,
+        validity_days=row.validity_days,
+        tags=json.loads(row.tags),
+        enabled=bool(row.enabled),
+        allow=frozenset(json.loads(row.allow_list)),
+        deny=frozenset(json.loads(row.deny_list)),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+class EnrollmentRepository:
+    def __init__(self, connection: Connection, counters_: CounterRepository) -> None:
+        self._c = connection
+        self._counters = counters_
+
+    def insert(self, enrollment: IndividualEnrollment) -> None:
+        if self._c.execute(select(enrollments.c.id).where(enrollments.c.id == enrollment.id)).first():
+            raise AlreadyExistsError(f"enrollment {enrollment.id!r} exists already")
+        self._c.execute(
+            insert(enrollments).values(
+                id=enrollment.id,
+                device_id=enrollment.device_id,
+                kind=str(enrollment.kind),
+                status=str(enrollment.status),
+                profile=enrollment.profile,
+                validity_days=enrollment.validity_days,
+                certificate_fingerprint=enrollment.certificate_fingerprint,
+                certificate_pem=enrollment.certificate_pem,
+                token_mac=enrollment.token_mac,
+                created_at=enrollment.created_at,
+                expires_at=enrollment.expires_at,
+                used_at=enrollment.used_at,
+                revoked_at=enrollment.revoked_at,
+            )
+        )
+        if enrollment.kind is EnrollmentKind.CERTIFICATE:
+            self._counters.next(_CERTIFICATES_VERSION)
+
+    def get(self, enrollment_id: str) -> IndividualEnrollment | None:
+        row = self._c.execute(select(enrollments).where(enrollments.c.id == enrollment_id)).first()
+        return _enrollment(row) if row is not None else None
+
+    def by_certificate(self, fingerprint: str) -> IndividualEnrollment | None:
+        row = self._c.execute(
+            select(enrollments)
+            .where(
+                enrollments.c.certificate_fingerprint == fingerprint,
+                enrollments.c.kind == str(EnrollmentKind.CERTIFICATE),
+                enrollments.c.status == str(EnrollmentStatus.ACTIVE),
+            )
+            .order_by(enrollments.c.id)
+            .limit(1)
+        ).first()
+        return _enrollment(row) if row is not None else None
+
+    def active_for_device(self, device_id: str) -> list[IndividualEnrollment]:
+        return self.find(device_id=device_id, status=EnrollmentStatus.ACTIVE)
+
+    def find(
+        self,
+        *,
+        device_id: str | None = None,
+        status: EnrollmentStatus | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[IndividualEnrollment]:
+        query = select(enrollments).order_by(enrollments.c.id)
+        if device_id is not None:
+            query = query.where(enrollments.c.device_id == device_id)
+        if status is not None:
+            query = query.where(enrollments.c.status == str(status))
+        if after is not None:
+            query = query.where(enrollments.c.id > after)
+        if limit is not None:
+            query = query.limit(limit)
+        return [_enrollment(r) for r in self._c.execute(query)]
+
+    def set_status(self, enrollment_id: str, status: EnrollmentStatus, now: dt.datetime) -> None:
+        row = self._c.execute(
+            select(enrollments.c.kind, enrollments.c.status).where(enrollments.c.id == enrollment_id)
+        ).first()
+        if row is None:
+            return
+        values: dict[str, Any] = {"status": str(status)}
+        if status is EnrollmentStatus.USED:
+            values["used_at"] = now
+        elif status is EnrollmentStatus.REVOKED:
+            values["revoked_at"] = now
+        self._c.execute(update(enrollments).where(enrollments.c.id == enrollment_id).values(**values))
+        if row.kind == str(EnrollmentKind.CERTIFICATE) and row.status != str(status):
+            self._counters.next(_CERTIFICATES_VERSION)
+
+    def certificates_version(self) -> str:
+        return str(self._counters.read(_CERTIFICATES_VERSION))
+
+    def active_certificates(self) -> list[str]:
+        rows = self._c.execute(
+            select(enrollments.c.certificate_pem)
+            .where(
+                enrollments.c.kind == str(EnrollmentKind.CERTIFICATE),
+                enrollments.c.status == str(EnrollmentStatus.ACTIVE),
+                enrollments.c.certificate_pem.is_not(None),
+            )
+            .order_by(enrollments.c.id)
+        )
+        return [r.certificate_pem for r in rows]
+
+
+def _enrollment(row: Row[Any]) -> IndividualEnrollment:
+    return IndividualEnrollment(
+        id=row.id,
+        device_id=row.device_id,
+        kind=EnrollmentKind(row.kind),
+        status=EnrollmentStatus(row.status),
+        profile=row.profile,
+        validity_days=row.validity_days,
+        created_at=row.created_at,
+        certificate_fingerprint=row.certificate_fingerprint,
+        certificate_pem=row.certificate_pem,
+        token_mac=row.token_mac,
+        expires_at=row.expires_at,
+        used_at=row.used_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+class ReonboardingRepository:
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+
+    def put(self, entry: Reonboarding) -> None:
+        values = {
+            "armed_at": entry.armed_at,
+            "expires_at": entry.expires_at,
+            "armed_by": entry.armed_by,
+            "reason": entry.reason,
+        }
+        # Update, else insert: portable (no dialect upsert). Concurrent first puts for one device collide on the
+        # primary key, and the loser's transaction fails rather than overwriting silently.
+        result = self._c.execute(update(reonboarding).where(reonboarding.c.device_id == entry.device_id).values(values))
+        if not result.rowcount:
+            self._c.execute(insert(reonboarding).values(device_id=entry.device_id, **values))
+
+    def get(self, device_id: str) -> Reonboarding | None:
+        row = self._c.execute(select(reonboarding).where(reonboarding.c.device_id == device_id)).first()
+        if row is None:
+            return None
+        return Reonboarding(
+            device_id=row.device_id,
+            armed_at=row.armed_at,
+            armed_by=row.armed_by,
+            expires_at=row.expires_at,
+            reason=row.reason,
+        )
+
+    def delete(self, device_id: str) -> None:
+        self._c.execute(delete(reonboarding).where(reonboarding.c.device_id == device_id))
+
+
+class TokenRepository:
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+
+    def insert(self, token: ApiToken, mac: str) -> None:
+        if self._c.execute(select(api_tokens.c.id).where(api_tokens.c.id == token.id)).first():
+            raise AlreadyExistsError(f"API token {token.id!r} exists already")
+        self._c.execute(
+            insert(api_tokens).values(
+                id=token.id,
+                name=token.name,
+                role=str(token.role),
+                mac=mac,
+                created_at=token.created_at,
+                expires_at=token.expires_at,
+                revoked_at=token.revoked_at,
+                created_by=token.created_by,
+            )
+        )
+
+    def get(self, token_id: str) -> tuple[ApiToken, str] | None:
+        row = self._c.execute(select(api_tokens).where(api_tokens.c.id == token_id)).first()
+        return (_token(row), row.mac) if row is not None else None
+
+    def find(self) -> list[ApiToken]:
+        query = select(api_tokens).order_by(api_tokens.c.created_at, api_tokens.c.id)
+        return [_token(r) for r in self._c.execute(query)]
+
+    def revoke(self, token_id: str, now: dt.datetime) -> None:
+        # A token revoked twice keeps its first revocation time.
+        self._c.execute(
+            update(api_tokens)
+            .where(api_tokens.c.id == token_id, api_tokens.c.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+
+
+def _token(row: Row[Any]) -> ApiToken:
+    return ApiToken(
+        id=row.id,
+        name=row.name,
+        role=Role(row.role),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        created_by=row.created_by,
+        revoked_at=row.revoked_at,
+    )

@@ -8,12 +8,14 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -22,16 +24,21 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "api_tokens",
     "audit_checkpoints",
     "audit_head",
     "audit_log",
     "certificates",
     "counters",
+    "crls",
     "device_group_members",
     "device_groups",
     "device_tags",
     "devices",
+    "enrollment_groups",
+    "enrollments",
     "metadata",
+    "reonboarding",
     "sqlite_time",
 ]
 
@@ -164,10 +171,87 @@ audit_checkpoints = Table(
     Column("key_id", String(16), nullable=False),
 )
 
-# Named monotonic counters (the CRL number), allocated under a row lock like the audit head.
+# Named monotonic counters (the CRL number; the enrollment groups' and certificate enrollments' change counters),
+# allocated under a row lock like the audit head.
 counters = Table(
     "counters",
     metadata,
     Column("name", String(32), primary_key=True),
     Column("value", BigInteger, nullable=False),
+)
+
+# -- provisioning, operator access, published CRLs (revision 0002) ----------------------------------------------
+
+# Lists and maps are JSON text (lists sorted where they are sets), so every backend stores them alike.
+enrollment_groups = Table(
+    "enrollment_groups",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("ca_pem", Text, nullable=False),
+    Column("ca_fingerprints", Text, nullable=False),
+    Column("id_field", String(16), nullable=False),
+    Column("profile", String(16), nullable=False),
+    Column("validity_days", Integer, nullable=True),
+    Column("tags", Text, nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("allow_list", Text, nullable=False),
+    Column("deny_list", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+enrollments = Table(
+    "enrollments",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("device_id", String(63), ForeignKey("devices.id"), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("profile", String(16), nullable=False),
+    Column("validity_days", Integer, nullable=True),
+    # Not unique: a revoked enrollment and a new one may name the same onboarding certificate.
+    Column("certificate_fingerprint", String(64), nullable=True, index=True),
+    Column("certificate_pem", Text, nullable=True),
+    # HMAC-SHA256 of a one-time token, never the token.
+    Column("token_mac", String(64), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=True),
+    Column("used_at", UTCDateTime(), nullable=True),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+)
+
+# At most one armed re-onboarding per device.
+reonboarding = Table(
+    "reonboarding",
+    metadata,
+    Column("device_id", String(63), ForeignKey("devices.id"), primary_key=True),
+    Column("armed_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("armed_by", String(128), nullable=False),
+    Column("reason", String(512), nullable=False),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("role", String(32), nullable=False),
+    # HMAC-SHA256 of the token's secret, never the secret.
+    Column("mac", String(64), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("created_by", String(128), nullable=False),
+)
+
+# Every CRL the hub has published, by CRL number (allocated from the ``crl_number`` counter).
+crls = Table(
+    "crls",
+    metadata,
+    Column("number", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=False),
+    Column("this_update", UTCDateTime(), nullable=False),
+    Column("next_update", UTCDateTime(), nullable=False),
+    Column("der", LargeBinary, nullable=False),
+    Column("entries", Integer, nullable=False),
 )

@@ -1,0 +1,89 @@
+"""The hub's ASGI application: EST, revocation distribution, the operator API, health and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import JSONResponse, Response
+
+from warden.api import _est, _pki, _v1
+from warden.api._auth import public, requires
+from warden.api._edge import Edge
+from warden.api._metrics import Metrics
+from warden.api._problems import install_handlers
+from warden.api._ratelimit import MultiLimiter, RateLimiter
+from warden.core import DEFAULT_LIMITS
+from warden.hub import Hub
+from warden.policy import Action
+from warden.provisioning import certs_only
+
+__all__ = ["create_app"]
+
+
+def create_app(
+    hub: Hub,
+    *,
+    metrics: Metrics | None = None,
+    on_trust_change: Callable[[], None] | None = None,
+    clock: Callable[[], float] | None = None,
+) -> Edge:
+    """The ASGI app for ``hub``: the FastAPI app (``.app``) wrapped in the request edge (request ids, access log,
+    metrics, body limit)."""
+    app = FastAPI(
+        title="Warden operator API",
+        version="1",
+        openapi_url="/api/v1/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    metrics = metrics or Metrics()
+    settings = hub.settings
+    extra = {"clock": clock} if clock is not None else {}
+    app.state.hub = hub
+    app.state.metrics = metrics
+    app.state.on_trust_change = on_trust_change
+    app.state.enroll_limiter = MultiLimiter(
+        [
+            (
+                "address",
+                RateLimiter(
+                    rate=settings.enroll_rate_per_address,
+                    burst=settings.enroll_burst_per_address,
+                    max_keys=settings.rate_limit_max_keys,
+                    **extra,
+                ),
+            ),
+            (
+                "client",
+                RateLimiter(
+                    rate=settings.enroll_rate_per_client,
+                    burst=settings.enroll_burst_per_client,
+                    max_keys=settings.rate_limit_max_keys,
+                    **extra,
+                ),
+            ),
+        ]
+    )
+    # Issuing threads waiting on the group committer: enough to fill its batches, bounded.
+    app.state.issue_limiter = anyio.CapacityLimiter(256)
+    chain = hub.provisioning.chain
+    app.state.cacerts = certs_only(chain)
+    app.state.chain_pem = hub.chain_pem()
+    app.state.crl_cache = _pki.CrlCache(hub)
+    install_handlers(app)
+    app.include_router(_est.router)
+    app.include_router(_pki.router)
+    app.include_router(_v1.router)
+
+    @app.get("/healthz", include_in_schema=False, **public())
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", include_in_schema=False, **requires(Action.METRICS_READ))
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Edge(app, metrics=metrics, max_body=DEFAULT_LIMITS.max_request_body_bytes, router=app.router)

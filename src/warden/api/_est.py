@@ -1,0 +1,152 @@
+"""EST (RFC 7030, with RFC 8951) under ``/.well-known/est/``: ``cacerts``, ``simpleenroll``, ``simplereenroll``.
+
+The client's certificate comes from the ASGI TLS extension (``scope["extensions"]["tls"]["client_cert_chain"]``),
+which Warden's uvicorn protocol fills in (docs/adr/0004-est-client-certificates.md). Rate limits apply before the
+body is read: per source address and per client identity (onboarding certificate, operational certificate or token
+id). Errors are plain text (RFC 7030 section 4.2.3), with ``Retry-After`` on 429 and ``WWW-Authenticate`` on 401.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from warden.api._auth import public
+from warden.core import AuthenticationError, InvalidInputError, RateLimitedError, WardenError
+from warden.hub import Hub
+from warden.provisioning import CERTS_ONLY_MEDIA_TYPE, EnrollmentResult, certs_only, decode_csr_body, max_body_bytes
+
+__all__ = ["client_certificate", "router"]
+
+router = APIRouter(prefix="/.well-known/est", include_in_schema=False)
+_B64_HEADERS = {"Content-Transfer-Encoding": "base64"}
+_MAX_BODY = max_body_bytes()
+
+
+def client_certificate(scope: Any) -> bytes | None:
+    """The DER certificate the client presented in the TLS handshake (verified there), if any."""
+    tls = scope.get("extensions", {}).get("tls")
+    if not tls:
+        return None
+    chain = tls.get("client_cert_chain") or ()
+    if not chain:
+        return None
+    return ssl.PEM_cert_to_DER_cert(chain[0])
+
+
+def _source(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _token_from(request: Request) -> str | None:
+    """An enrollment token from ``Authorization: Bearer`` or the password of ``Authorization: Basic``."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    if len(header) > 512:
+        raise AuthenticationError("the Authorization header is too long")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise AuthenticationError("malformed Basic credentials") from None
+        return decoded.partition(":")[2]
+    raise AuthenticationError("unsupported authorization scheme", hint="use Bearer or Basic")
+
+
+def _rate_limit(request: Request, identity: str | None) -> None:
+    keys = {"address": _source(request)}
+    if identity is not None:
+        keys["client"] = identity
+    refused = request.app.state.enroll_limiter.check(keys)
+    if refused is not None:
+        name, retry_after = refused
+        request.app.state.metrics.rate_limited.labels(name).inc()
+        raise RateLimitedError(f"too many enrollment requests from this {name}", retry_after=retry_after)
+
+
+async def _read_body(request: Request) -> bytes:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("application/pkcs10"):
+        raise InvalidInputError(
+            "an EST request body is application/pkcs10", hint="set Content-Type: application/pkcs10"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _MAX_BODY:
+            raise InvalidInputError(f"the request body is larger than {_MAX_BODY} bytes")
+    return decode_csr_body(bytes(body))
+
+
+async def _issue(request: Request, operation: str, fn: Callable[[], EnrollmentResult]) -> Response:
+    metrics = request.app.state.metrics
+    try:
+        result = await anyio.to_thread.run_sync(fn, limiter=request.app.state.issue_limiter)
+    except WardenError as e:
+        metrics.est.labels(operation, type(e).__name__).inc()
+        raise
+    metrics.est.labels(operation, "issued").inc()
+    return Response(
+        certs_only([result.issued.certificate]),
+        media_type=CERTS_ONLY_MEDIA_TYPE,
+        headers=_B64_HEADERS,
+    )
+
+
+@router.get("/cacerts", **public())
+async def cacerts(request: Request) -> Response:
+    body: bytes = request.app.state.cacerts
+    return Response(body, media_type="application/pkcs7-mime", headers=_B64_HEADERS)
+
+
+@router.post("/simpleenroll", **public())
+async def simpleenroll(request: Request) -> Response:
+    hub: Hub = request.app.state.hub
+    token = _token_from(request)
+    certificate = client_certificate(request.scope)
+    if token is not None:
+        _rate_limit(request, "token:" + token.partition(".")[0][:32])
+        csr = await _read_body(request)
+        source = _source(request)
+        return await _issue(
+            request, "simpleenroll", lambda: hub.provisioning.enroll_with_token(token, csr, source=source)
+        )
+    if certificate is None:
+        _rate_limit(request, None)
+        raise AuthenticationError(
+            "simpleenroll needs an onboarding certificate (TLS client certificate) or an enrollment token",
+            hint="present the device's IDevID, or send the token as HTTP Basic password or Bearer",
+        )
+    _rate_limit(request, "cert:" + hashlib.sha256(certificate).hexdigest()[:32])
+    csr = await _read_body(request)
+    source = _source(request)
+    return await _issue(
+        request, "simpleenroll", lambda: hub.provisioning.enroll_with_certificate(certificate, csr, source=source)
+    )
+
+
+@router.post("/simplereenroll", **public())
+async def simplereenroll(request: Request) -> Response:
+    hub: Hub = request.app.state.hub
+    certificate = client_certificate(request.scope)
+    if certificate is None:
+        _rate_limit(request, None)
+        raise AuthenticationError(
+            "simplereenroll needs the device's current operational certificate as TLS client certificate"
+        )
+    _rate_limit(request, "cert:" + hashlib.sha256(certificate).hexdigest()[:32])
+    csr = await _read_body(request)
+    source = _source(request)
+    return await _issue(request, "simplereenroll", lambda: hub.provisioning.reenroll(certificate, csr, source=source))

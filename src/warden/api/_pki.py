@@ -1,0 +1,107 @@
+"""Revocation distribution: ``/pki/ca`` (the chain), ``/pki/crl`` (the current CRL, DER, cacheable until its
+nextUpdate) and ``/pki/ocsp`` (RFC 6960 over POST, and GET with the request base64 in the path, RFC 5019)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import time
+import urllib.parse
+
+import anyio
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import ocsp
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from warden.api._auth import public
+from warden.core import DEFAULT_LIMITS, InvalidInputError, NotFoundError, OCSPRequestError
+from warden.hub import Hub
+from warden.registry import PublishedCrl
+
+__all__ = ["CrlCache", "router"]
+
+router = APIRouter(prefix="/pki", include_in_schema=False)
+_OCSP_RESPONSE = "application/ocsp-response"
+
+
+class CrlCache:
+    """The newest published CRL, re-read from the database at most once a second (other workers publish too)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self._crl: PublishedCrl | None = None
+        self._checked = 0.0
+
+    def get(self) -> PublishedCrl | None:
+        now = time.monotonic()
+        if self._crl is None or now - self._checked >= 1.0:
+            self._checked = now
+            number = self._hub.certificates.crl_number()
+            if number is not None and (self._crl is None or self._crl.number != number):
+                self._crl = self._hub.certificates.current_crl()
+        return self._crl
+
+
+@router.get("/ca", **public())
+async def ca_chain(request: Request) -> Response:
+    return Response(request.app.state.chain_pem, media_type="application/pem-certificate-chain")
+
+
+@router.get("/crl", **public())
+async def crl(request: Request) -> Response:
+    cache: CrlCache = request.app.state.crl_cache
+    current = await anyio.to_thread.run_sync(cache.get)
+    if current is None:
+        raise NotFoundError("no CRL has been published yet", hint="the hub publishes one at start")
+    etag = f'"crl-{current.number}"'
+    remaining = max(0, int(current.next_update.timestamp() - time.time()))
+    headers = {
+        "ETag": etag,
+        "Last-Modified": email.utils.format_datetime(current.this_update, usegmt=True),
+        "Expires": email.utils.format_datetime(current.next_update, usegmt=True),
+        "Cache-Control": f"public, max-age={remaining}, must-revalidate",
+    }
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(current.der, media_type="application/pkix-crl", headers=headers)
+
+
+def _answer(hub: Hub, der: bytes) -> bytes:
+    try:
+        return hub.certificates.ocsp_respond(der, actor="hub")
+    except OCSPRequestError:
+        # RFC 6960 section 2.3: a request that cannot be parsed gets an OCSP "malformedRequest" answer.
+        return ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST).public_bytes(
+            serialization.Encoding.DER
+        )
+
+
+async def _respond(request: Request, der: bytes) -> Response:
+    hub: Hub = request.app.state.hub
+    answer = await anyio.to_thread.run_sync(_answer, hub, der)
+    return Response(answer, media_type=_OCSP_RESPONSE, headers={"Cache-Control": "max-age=0, no-cache"})
+
+
+@router.post("/ocsp", **public())
+async def ocsp_post(request: Request) -> Response:
+    if request.headers.get("content-type", "").lower() != "application/ocsp-request":
+        raise InvalidInputError("an OCSP request is application/ocsp-request")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > DEFAULT_LIMITS.max_ocsp_request_bytes:
+            raise InvalidInputError("the OCSP request is too large")
+    return await _respond(request, bytes(body))
+
+
+@router.get("/ocsp/{encoded:path}", **public())
+async def ocsp_get(request: Request, encoded: str) -> Response:
+    if len(encoded) > DEFAULT_LIMITS.max_ocsp_request_bytes * 2:
+        raise InvalidInputError("the OCSP request is too large")
+    try:
+        der = base64.b64decode(urllib.parse.unquote(encoded), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInputError("the OCSP request in the URL is not base64") from None
+    return await _respond(request, der)

@@ -1,0 +1,295 @@
+"""``warden serve``: the hub on uvicorn, HTTPS only.
+
+- TLS 1.2 and 1.3 only; TLS 1.2 with ECDHE and AEAD suites only; no compression, renegotiation or session tickets
+  (every connection is verified against the trust store of the moment).
+- The client certificate is optional at the TLS layer (the operator API authenticates with tokens), verified when
+  presented against: this hub's CA, every enabled enrollment group's CAs, and every pinned onboarding certificate
+  (partial chains allowed, so a group may trust the intermediate that signs its IDevIDs). A certificate that fails
+  verification ends the handshake; each such refusal is counted by TLS alert.
+- The trust store and the service certificate follow changes without a restart: a fresh ``SSLContext`` is built and
+  handed to each new handshake from the SNI callback (docs/adr/0004-est-client-certificates.md).
+- One worker on SQLite; several only on PostgreSQL, where the singleton jobs run in the worker holding the leader
+  lock (a PostgreSQL advisory lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from warden.api._app import create_app
+from warden.api._logging import configure_logging
+from warden.api._metrics import Metrics
+from warden.core import ConfigurationError, Settings, load_settings
+from warden.hub import Hub
+from warden.store import LeaderLock
+
+__all__ = ["TlsContexts", "WardenHttpProtocol", "prepare", "serve"]
+
+log = logging.getLogger("warden.server")
+
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+# TLS alert descriptions (RFC 8446 section 6) the hub sends when it refuses a handshake.
+_ALERTS = {
+    10: "unexpected_message",
+    20: "bad_record_mac",
+    40: "handshake_failure",
+    42: "bad_certificate",
+    43: "unsupported_certificate",
+    44: "certificate_revoked",
+    45: "certificate_expired",
+    46: "certificate_unknown",
+    47: "illegal_parameter",
+    48: "unknown_ca",
+    49: "access_denied",
+    50: "decode_error",
+    51: "decrypt_error",
+    70: "protocol_version",
+    71: "insufficient_security",
+    80: "internal_error",
+    86: "inappropriate_fallback",
+    109: "missing_extension",
+    110: "unsupported_extension",
+    112: "unrecognized_name",
+    116: "certificate_required",
+    120: "no_application_protocol",
+}
+_ALERT = 21
+
+
+class WardenHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus the ASGI TLS extension: ``scope["extensions"]["tls"]`` carries the client
+    certificate the handshake verified (Python exposes the leaf only, so the chain holds one PEM certificate)."""
+
+    _tls: dict[str, Any] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            self._tls = None
+            return
+        der = ssl_object.getpeercert(binary_form=True)
+        self._tls = {
+            "server_cert": None,
+            "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+            "client_cert_name": None,
+            "client_cert_error": None,
+            "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
+            "cipher_suite": None,
+        }
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._tls is not None:
+            self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
+
+
+class TlsContexts:
+    """The listener's TLS contexts. ``base`` is what the server socket was created with; its SNI callback moves
+    every new handshake onto ``current``, which :meth:`refresh` rebuilds when the trust material (enrollment
+    groups, pinned onboarding certificates) or the service certificate changes."""
+
+    def __init__(self, hub: Hub, metrics: Metrics) -> None:
+        self._hub = hub
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._version: tuple[str, float] | None = None
+        self.current = self._build()
+        self.base = self.current
+        self.base.sni_callback = self._sni
+
+    def _state(self) -> tuple[str, float]:
+        cert, _ = self._hub.identities.service_paths()
+        return self._hub.provisioning.trust_version(), cert.stat().st_mtime
+
+    def _build(self) -> ssl.SSLContext:
+        version = self._state()
+        cert, key = self._hub.identities.service_paths()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(TLS12_CIPHERS)
+        context.options |= (
+            ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
+        )
+        context.num_tickets = 0
+        context.load_cert_chain(cert, key, password=self._hub.identities.key_password())
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        material = self._hub.provisioning.trust_material()
+        context.load_verify_locations(cadata=self._hub.chain_pem().decode("ascii") + "".join(material.pem))
+        context.set_alpn_protocols(["http/1.1"])
+        if hasattr(context, "_msg_callback"):
+            # CPython's (private) TLS message hook is the only place a refused handshake is visible from Python:
+            # asyncio drops the error silently. Only fatal alerts the hub sends are counted.
+            context._msg_callback = self._on_message
+        self._version = version
+        return context
+
+    def _on_message(
+        self, conn: object, direction: str, version: object, content_type: int, msg_type: int, data: bytes
+    ) -> None:
+        if content_type == _ALERT and direction == "write" and len(data) == 2 and data[0] == 2:
+            self._metrics.tls_failures.labels(_ALERTS.get(data[1], str(data[1]))).inc()
+
+    def _sni(self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        current = self.current
+        if current is not context:
+            ssl_object.context = current
+
+    def refresh(self) -> bool:
+        """Rebuild the context if what it is made of changed; True when it did."""
+        with self._lock:
+            if self._state() == self._version:
+                return False
+            self.current = self._build()
+        self._metrics.trust_reloads.inc()
+        log.info("TLS context rebuilt (trust store or service certificate changed)")
+        return True
+
+
+def prepare(hub: Hub, *, actor: str = "hub") -> None:
+    """What must exist before the listener starts: the service certificate, a current CRL, the OCSP signer and
+    the hub-client certificate."""
+    hub.run_jobs(actor=actor)
+
+
+async def _jobs_loop(hub: Hub, tls: TlsContexts, metrics: Metrics, wake: asyncio.Event) -> None:
+    interval = hub.settings.jobs_interval_seconds
+    leader = None
+    loop = asyncio.get_running_loop()
+    since_jobs = interval
+    while True:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout=1.0)
+        wake.clear()
+        try:
+            await loop.run_in_executor(None, tls.refresh)
+        except Exception:
+            log.exception("TLS context refresh failed; the previous one stays in use")
+        since_jobs += 1.0
+        if since_jobs < interval:
+            continue
+        since_jobs = 0.0
+        if leader is not None and not await loop.run_in_executor(None, _still_held, leader):
+            leader = None
+        if leader is None:
+            leader = await loop.run_in_executor(None, hub.db.try_leader_lock, "jobs")
+        metrics.leader.set(1 if leader is not None else 0)
+        if leader is None:
+            continue
+        try:
+            done = await loop.run_in_executor(None, hub.run_jobs)
+            metrics.jobs.labels("ok").inc()
+            if done:
+                log.info("singleton jobs ran", extra={"fields": {"done": done}})
+        except Exception:
+            metrics.jobs.labels("failed").inc()
+            log.exception("singleton jobs failed")
+        crl = hub.certificates.current_crl()
+        if crl is not None:
+            metrics.crl_next_update.set(crl.next_update.timestamp())
+
+
+def _still_held(lock: LeaderLock) -> bool:
+    return lock.held
+
+
+def _worker(data_dir: Path, sock: socket.socket, ready: Callable[[], None] | None = None) -> None:
+    settings = load_settings(data_dir)
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # the CLI's plain stderr handler: the server logs JSON lines only
+        root.removeHandler(handler)
+    configure_logging(level=settings.log_level.upper(), json=settings.log_format == "json")
+    hub = Hub.open(settings, group_commit=True)
+    metrics = Metrics()
+    tls = TlsContexts(hub, metrics)
+
+    async def main() -> None:
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_trust_change() -> None:
+            loop.call_soon_threadsafe(wake.set)
+
+        app = create_app(hub, metrics=metrics, on_trust_change=on_trust_change)
+        config = uvicorn.Config(
+            app,
+            http=WardenHttpProtocol,
+            ssl_context_factory=lambda _config, _default: tls.base,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            timeout_keep_alive=15,
+            backlog=2048,
+        )
+        server = uvicorn.Server(config)
+        jobs = asyncio.create_task(_jobs_loop(hub, tls, metrics, wake))
+        if ready is not None:
+            loop.call_later(0.1, ready)
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            jobs.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await jobs
+
+    try:
+        asyncio.run(main())
+    finally:
+        hub.close()
+
+
+def _worker_entry(data_dir: str, sock: socket.socket) -> None:
+    _worker(Path(data_dir), sock)
+
+
+def serve(settings: Settings, *, host: str, port: int, workers: int, announce: Callable[[str], None]) -> None:
+    """Run the hub until SIGINT or SIGTERM."""
+    with Hub.open(settings) as hub:
+        if workers > 1 and hub.db.is_sqlite:
+            raise ConfigurationError(
+                "several workers need PostgreSQL", hint="SQLite runs one worker; set database_url to PostgreSQL"
+            )
+        prepare(hub)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    bound = sock.getsockname()[1]
+    names = ", ".join(settings.service_names)
+    announce(f"warden hub listening on https://{host}:{bound} (certificate for {names}; {workers} worker(s))")
+    if workers == 1:
+        _worker(settings.data_dir, sock)
+        return
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker_entry, args=(str(settings.data_dir), sock)) for _ in range(workers)]
+    for process in processes:
+        process.start()
+
+    def stop(*_: object) -> None:
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for process in processes:
+        process.join()
+    sock.close()
+    if any(p.exitcode not in (0, -signal.SIGTERM) for p in processes):
+        sys.exit(1)
