@@ -181,3 +181,11 @@ def openssl(*args: str, input: bytes | None = None, check: bool = True) -> subpr
     """Run the openssl binary (a tool we did not write)."""
     assert shutil.which("openssl"), "openssl is not installed"
     return subprocess.run(["openssl", *args], input=input, capture_output=True, check=check, timeout=60)
+
+
+@pytest.fixture
+def hub_server(tmp_path: Path) -> Iterator[object]:
+    """A running ``warden serve`` (see tests/hubserver.py) on a fresh data directory."""
+    from tests.hubserver import running_hub
+
+    yield from running_hub(tmp_path)

@@ -12,8 +12,6 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from starlette.routing import Match
-
 from warden.api._logging import request_id
 from warden.api._metrics import Metrics
 
@@ -34,28 +32,10 @@ class _TooLargeError(Exception):
 
 
 class Edge:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body: int, router: Any) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body: int) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
-        self.router = router
-        self._templates: dict[tuple[str, str], str] = {}
-
-    def _template(self, scope: Scope) -> str:
-        """The route template (``/api/v1/devices/{device_id}``) that bounds the metrics' label values."""
-        key = (scope["method"], scope["path"])
-        cached = self._templates.get(key)
-        if cached is not None:
-            return cached
-        template = "unmatched"
-        for route in self.router.routes:
-            match, _ = route.matches(scope)
-            if match is Match.FULL:
-                template = getattr(route, "path", "unmatched")
-                break
-        if len(self._templates) < 10_000 and "{" not in template:
-            self._templates[key] = template
-        return template
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,7 +55,7 @@ class Edge:
             await _plain(
                 send, 413, b"request body too large\n" if length.isdigit() else b"bad content-length\n", header_rid
             )
-            self._finish(scope, status, started, rid)
+            self._finish(scope, status, started)
             request_id.reset(token)
             return
 
@@ -107,12 +87,13 @@ class Edge:
                 status = 413
                 await _plain(send, 413, b"request body too large\n", header_rid)
         finally:
-            self._finish(scope, status, started, rid)
+            self._finish(scope, status, started)
             request_id.reset(token)
 
-    def _finish(self, scope: Scope, status: int, started: float, rid: str) -> None:
+    def _finish(self, scope: Scope, status: int, started: float) -> None:
         elapsed = time.perf_counter() - started
-        template = self._template(scope)
+        # The router puts the matched route into the scope: its template bounds the metrics' label values.
+        template = getattr(scope.get("route"), "path", "unmatched")
         self.metrics.requests.labels(template, scope["method"], str(status)).inc()
         self.metrics.latency.labels(template).observe(elapsed)
         if access_log.isEnabledFor(logging.INFO):
@@ -124,7 +105,6 @@ class Edge:
                 status,
                 extra={
                     "fields": {
-                        "request_id": rid,
                         "method": scope["method"],
                         "path": scope["path"][:256],
                         "status": status,

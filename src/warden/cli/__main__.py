@@ -1,0 +1,5 @@
+"""``python -m warden.cli``."""
+
+from warden.cli._app import main
+
+main()
