@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 
 __all__ = ["Metrics"]
 
@@ -11,6 +13,9 @@ class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series are noise
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        self.worker = Gauge("warden_worker_pid", "Process id of the worker that answered", registry=self.registry)
+        self.worker.set(os.getpid())
         self.requests = Counter(
             "warden_http_requests",
             "HTTP requests answered, by route template, method and status",

@@ -61,6 +61,8 @@ __all__ = [
     "parse_reason",
 ]
 
+#: how long an OCSP responder is used before its signer certificate is checked again
+_RESPONDER_RECHECK = dt.timedelta(minutes=1)
 _ISSUABLE = frozenset({DeviceState.PENDING, DeviceState.ACTIVE})
 _DEVICE_PROFILES = frozenset({Profile.DEVICE, Profile.GATEWAY})
 _SERVICE_PROFILES = frozenset({Profile.SERVICE, Profile.HUB_CLIENT})
@@ -176,6 +178,7 @@ class CertificateService:
         self._policy = policy
         self._clock = clock
         self._random = random
+        self._responder: tuple[OCSPResponder, dt.datetime] | None = None
 
     # -- issuance -----------------------------------------------------------------------------------------------
 
@@ -590,13 +593,19 @@ class CertificateService:
         return self.current_crl()
 
     def ocsp_respond(self, request_der: bytes, *, actor: str) -> bytes:
-        """A signed OCSP response (DER) for one DER request."""
+        """A signed OCSP response (DER) for one DER request. The responder (signer certificate and key) is looked
+        up at most once a minute, not per request; its renewal runs in :meth:`ensure_ocsp_responder`."""
         request = parse_ocsp_request(request_der, limits=self._policy.limits)
-        responder = self.ensure_ocsp_responder(actor=actor)
+        now = self._clock.now()
+        cached = self._responder
+        if cached is None or now >= cached[1]:
+            cached = (self.ensure_ocsp_responder(actor=actor), now + _RESPONDER_RECHECK)
+            self._responder = cached
+        responder = cached[0]
         with self._tx(readonly=True) as uow:
             record = uow.certificates.get(request.serial_number)
         answer = _answer(record)
-        return responder.respond(request, lambda _serial: answer, now=self._clock.now())
+        return responder.respond(request, lambda _serial: answer, now=now)
 
     def ensure_ocsp_responder(self, *, actor: str) -> OCSPResponder:
         """The delegated OCSP responder; its certificate is (re)issued when missing or in the last third of its
