@@ -6,11 +6,14 @@ the same in a terminal and in a pipe), and exits non-zero on the first step that
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 WARDEN = str(Path(sys.executable).with_name("warden"))
@@ -33,6 +36,89 @@ def run(*args: str, expect_ok: bool = True) -> subprocess.CompletedProcess[str]:
         print(f"demo failed: '{shown}' should have been refused", file=sys.stderr, flush=True)
         sys.exit(1)
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def hub_server_walkthrough(w: list[str], work: Path, data: Path) -> None:
+    """Start `warden serve` and let devices onboard themselves over EST with curl, as a real device would."""
+    port = free_port()
+    url = f"https://hub.fleet.acme.test:{port}"
+    curl = ["curl", "-sS", "--fail-with-body", "--resolve", f"hub.fleet.acme.test:{port}:127.0.0.1"]
+    curl += ["--cacert", str(data / "ca" / "root-ca.pem")]
+    step(f"Start the hub server (HTTPS only; it issues its own certificate for hub.fleet.acme.test) on port {port}")
+    log = (work / "serve.log").open("wb")
+    server = subprocess.Popen([*w, "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run([*curl, f"{url}/healthz"], capture_output=True).returncode != 0:
+            if server.poll() is not None or time.monotonic() > deadline:
+                print((work / "serve.log").read_text(), flush=True)
+                print("demo failed: the hub server did not start", file=sys.stderr, flush=True)
+                sys.exit(1)
+            time.sleep(0.2)
+        run(*curl, f"{url}/healthz")
+
+        step("A device without a factory certificate onboards with a one-time token over EST (curl + openssl)")
+        token = json.loads(run(*w, "enrollment", "add", "boiler-7", "--token", "--expires", "1h", "--json").stdout)
+        key, der = work / "boiler-7.key", work / "boiler-7.csr.der"
+        run(
+            "openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", str(key), "-subj", "/CN=boiler-7", "-outform", "DER", "-out", str(der),
+        )  # fmt: skip
+        (work / "boiler-7.csr.b64").write_bytes(base64.encodebytes(der.read_bytes()))
+        enroll = [*curl, "-H", "Content-Type: application/pkcs10", "--data-binary", f"@{work / 'boiler-7.csr.b64'}"]
+        answer = run(*enroll, "-H", f"Authorization: Bearer {token['token']}", f"{url}/.well-known/est/simpleenroll")
+        (work / "boiler-7.p7").write_bytes(base64.b64decode(answer.stdout))
+        run("openssl", "pkcs7", "-inform", "DER", "-in", str(work / "boiler-7.p7"), "-print_certs",
+            "-out", str(work / "boiler-7.pem"))  # fmt: skip
+        run("openssl", "x509", "-in", str(work / "boiler-7.pem"), "-noout", "-subject", "-enddate")
+        step("The token was single use: a second enrollment with it is refused (and audited)")
+        run(*enroll, "-H", f"Authorization: Bearer {token['token']}", f"{url}/.well-known/est/simpleenroll",
+            expect_ok=False)  # fmt: skip
+
+        step("The device renews over EST with its operational certificate as TLS client certificate (a new key)")
+        run(
+            "openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", str(work / "boiler-7b.key"), "-subj", "/CN=boiler-7", "-outform", "DER", "-out", str(der),
+        )  # fmt: skip
+        (work / "boiler-7.csr.b64").write_bytes(base64.encodebytes(der.read_bytes()))
+        answer = run(*enroll, "--cert", str(work / "boiler-7.pem"), "--key", str(key),
+                     f"{url}/.well-known/est/simplereenroll")  # fmt: skip
+        (work / "boiler-7b.p7").write_bytes(base64.b64decode(answer.stdout))
+        run("openssl", "pkcs7", "-inform", "DER", "-in", str(work / "boiler-7b.p7"), "-print_certs",
+            "-out", str(work / "boiler-7b.pem"))  # fmt: skip
+        run("openssl", "x509", "-in", str(work / "boiler-7b.pem"), "-noout", "-serial")
+
+        step("An operator uses the REST API with a token of the 'viewer' role; writing needs more")
+        api = json.loads(run(*w, "token", "create", "--role", "viewer", "--expires", "1h", "--json").stdout)
+        auth = ["-H", f"Authorization: Bearer {api['token']}"]
+        run(*curl, *auth, f"{url}/api/v1/devices/boiler-7")
+        run(*curl, *auth, "-X", "POST", "-H", "Content-Type: application/json", "--data", '{"state": "disabled"}',
+            f"{url}/api/v1/devices/boiler-7/state", expect_ok=False)  # fmt: skip
+
+        step("OCSP over HTTP: 'good', then the certificate is revoked and the hub answers 'revoked'")
+        issuer, chain = str(data / "ca" / "issuing-ca.pem"), str(data / "ca" / "chain.pem")
+        cert = str(work / "boiler-7b.pem")
+        for when in ("before", "after"):
+            if when == "after":
+                serial = run("openssl", "x509", "-in", cert, "-noout", "-serial").stdout.strip().split("=")[1]
+                run(*w, "cert", "revoke", serial, "--reason", "keyCompromise")
+            request = work / f"ocsp-{when}.der"
+            run("openssl", "ocsp", "-sha256", "-issuer", issuer, "-cert", cert, "-reqout", str(request))
+            response = run(*curl, "-H", "Content-Type: application/ocsp-request", "--data-binary", f"@{request}",
+                           "-o", str(work / f"ocsp-{when}.resp"), f"{url}/pki/ocsp")  # fmt: skip
+            del response
+            run("openssl", "ocsp", "-respin", str(work / f"ocsp-{when}.resp"), "-issuer", issuer, "-CAfile", chain,
+                "-no_nonce", "-sha256", "-cert", cert)  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
 
 
 def main() -> None:
@@ -212,6 +298,8 @@ def main() -> None:
             "--revoke-superseded",
         )
         run("openssl", "verify", "-CAfile", str(work / "chain.pem"), str(work / "boiler-1b.pem"))
+
+        hub_server_walkthrough(w, work, data)
 
         step("Every change above is in the hash-chained audit log; sign a checkpoint and verify the chain")
         run(*w, "audit", "checkpoint")

@@ -284,10 +284,7 @@ class Hub:
         """The hub's own upkeep, run by the worker that holds the leader lock: publish a CRL before the current one
         is half-way to its nextUpdate, and renew the OCSP signer, service and hub-client certificates in the last
         third of their lives. Returns what was done."""
-        done: list[str] = []
-        crl = self.certificates.publish_crl_if_due(actor=actor)
-        if crl is not None:
-            done.append(f"crl {crl.number}")
+        done = self.crl_job(actor=actor)
         before = (
             self.ca.files.read(OCSP_SIGNER_KEY).serial_number if self.ca.files.path(OCSP_SIGNER_KEY).exists() else None
         )
@@ -299,6 +296,13 @@ class Hub:
         if self.identities.ensure_hub_client(actor=actor):
             done.append("hub-client")
         return done
+
+    def crl_job(self, *, actor: str = "hub") -> list[str]:
+        """Publish a CRL when one is due (see :meth:`CertificateService.publish_crl_if_due`); the leader runs this
+        every second, so a revocation made anywhere (CLI, API, another worker) is in the served CRL within about a
+        second."""
+        crl = self.certificates.publish_crl_if_due(actor=actor)
+        return [f"crl {crl.number}"] if crl is not None else []
 
     @classmethod
     def open(

@@ -117,3 +117,28 @@ def test_one_leader_among_workers_on_postgresql(tmp_path: Path, postgres_url: st
         assert len(crl_numbers) == len(set(crl_numbers))
     finally:
         server.stop()
+
+
+def test_crl_job_publishes_after_a_revocation_and_an_expiry(tmp_path: Path) -> None:
+    from tests.conftest import make_csr
+    from warden.pki import RevocationReason
+
+    clock = FixedClock(dt.datetime(2026, 3, 1, tzinfo=dt.UTC))
+    data_dir = tmp_path / "hub"
+    initialise(data_dir, org="Acme", fleet_domain="fleet.acme.test", actor="test", clock=clock)
+    with Hub.open(load_settings(data_dir), clock=clock) as hub:
+        hub.devices.add_device("pump-1", actor="test")
+        issued = hub.certificates.sign(device_id="pump-1", csr=make_csr("p256"), actor="test")
+        assert hub.crl_job()  # the first CRL
+        assert hub.crl_job() == []
+        clock.advance(dt.timedelta(seconds=1))
+        hub.certificates.revoke(issued.record.serial, reason=RevocationReason.KEY_COMPROMISE, actor="test")
+        assert hub.crl_job(), "a revocation must be published at once"
+        crl = x509.load_der_x509_crl(hub.certificates.current_crl().der)  # type: ignore[union-attr]
+        assert crl.get_revoked_certificate_by_serial_number(issued.record.serial) is not None
+        assert hub.crl_job() == []
+        # The revoked certificate expires (30 days): the next CRL drops it.
+        clock.advance(dt.timedelta(days=31))
+        assert hub.crl_job()
+        crl = x509.load_der_x509_crl(hub.certificates.current_crl().der)  # type: ignore[union-attr]
+        assert crl.get_revoked_certificate_by_serial_number(issued.record.serial) is None

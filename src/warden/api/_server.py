@@ -183,6 +183,11 @@ async def _jobs_loop(hub: Hub, tls: TlsContexts, metrics: Metrics, wake: asyncio
         except Exception:
             log.exception("TLS context refresh failed; the previous one stays in use")
         since_jobs += 1.0
+        if leader is not None and since_jobs < interval:
+            try:
+                await loop.run_in_executor(None, hub.crl_job)
+            except Exception:
+                log.exception("CRL publication failed")
         if since_jobs < interval:
             continue
         since_jobs = 0.0

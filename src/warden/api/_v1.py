@@ -186,8 +186,8 @@ def get_certificate(request: Request, serial: str) -> CertificateOut:
 def revoke_certificate(request: Request, serial: str, body: RevokeIn) -> CertificateOut:
     hub = _hub(request)
     record = hub.certificates.revoke(_serial(serial), reason=parse_reason(body.reason), actor=_actor(request))
-    # Relying parties learn of it at once: a new CRL is published now, not at the next scheduled run.
-    hub.certificates.issue_crl(actor=_actor(request))
+    # Relying parties learn of it at once: a new CRL is published now, not at the leader's next round.
+    hub.crl_job(actor=_actor(request))
     return CertificateOut.of(record)
 
 

@@ -69,7 +69,7 @@ def csr_identity_mismatch(csr: bytes, device_id: str, fleet_domain: str) -> str 
     try:
         request = x509.load_pem_x509_csr(csr) if csr.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_csr(csr)
         names = [a.value for a in request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise CSRRejectedError("the CSR could not be parsed", hint="send a DER PKCS#10 request in base64") from None
     if names != [device_id]:
         shown = ", ".join(repr(str(n))[:70] for n in names) or "no common name"
@@ -78,7 +78,7 @@ def csr_identity_mismatch(csr: bytes, device_id: str, fleet_domain: str) -> str 
         san = request.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return None
-    except ValueError:
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
         raise CSRRejectedError("the CSR's extensions could not be parsed") from None
     expected = f"{device_id}.{fleet_domain}"
     for name in san.get_values_for_type(x509.DNSName):

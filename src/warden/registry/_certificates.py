@@ -33,6 +33,7 @@ from warden.core import (
 )
 from warden.monitor import AuditEvent, AuditLog
 from warden.pki import (
+    BACKDATE,
     CertificateAuthority,
     CertificateSigningRequest,
     IssuedIdentity,
@@ -582,13 +583,19 @@ class CertificateService:
             return uow.crls.latest_number()
 
     def publish_crl_if_due(self, *, actor: str) -> PublishedCrl | None:
-        """Issue a new CRL when there is none or half of the current one's validity has passed, so that relying
-        parties (the broker refuses every client on an expired CRL) always hold one with a long time to run.
-        Returns the new CRL, or None when the current one is still fresh."""
-        current = self.current_crl()
+        """Issue a new CRL when there is none, when its content is out of date (a certificate was revoked after it
+        was issued, or one of its entries expired), or when half of its validity has passed, so that relying
+        parties (the broker refuses every client on an expired CRL) always hold a current one with a long time to
+        run. Cheap when nothing is due (one aggregate query). Returns the new CRL, or None."""
         now = self._clock.now()
-        if current is not None and now < current.this_update + (current.next_update - current.this_update) / 2:
-            return None
+        with self._tx(readonly=True) as uow:
+            current = uow.crls.latest()
+            count, latest = uow.certificates.revocation_summary(not_expired_at=now)
+        if current is not None:
+            issued_at = current.this_update + BACKDATE
+            fresh = now < current.this_update + (current.next_update - current.this_update) / 2
+            if fresh and count == current.entries and (latest is None or latest <= issued_at):
+                return None
         self.issue_crl(actor=actor)
         return self.current_crl()
 

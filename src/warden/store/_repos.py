@@ -393,6 +393,19 @@ class CertificateRepository:
         for serial, revoked_at, reason in self._c.execute(query.execution_options(yield_per=10_000)):
             yield int(serial, 16), revoked_at, reason
 
+    def revocation_summary(self, *, not_expired_at: dt.datetime) -> tuple[int, dt.datetime | None]:
+        row = self._c.execute(
+            select(func.count(), func.max(certificates.c.revoked_at)).where(
+                certificates.c.status == str(CertificateStatus.REVOKED), certificates.c.not_after > not_expired_at
+            )
+        ).one()
+        latest = row[1]
+        if isinstance(latest, str):  # SQLite returns the aggregate's raw text
+            latest = dt.datetime.fromisoformat(latest)
+        if latest is not None and latest.tzinfo is None:
+            latest = latest.replace(tzinfo=dt.UTC)
+        return int(row[0]), latest
+
     def count(self) -> int:
         return int(self._c.execute(select(func.count()).select_from(certificates)).scalar_one())
 
