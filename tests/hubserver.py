@@ -175,6 +175,8 @@ class HubServer:
     env: dict[str, str]
     process: subprocess.Popen[bytes]
     log_path: Path
+    #: the CA that verifies the hub's TLS certificate, when it is not the hub's own root (operator-provided)
+    trust: Path | None = None
 
     @property
     def url(self) -> str:
@@ -193,7 +195,7 @@ class HubServer:
         return ["--resolve", f"{HUB_NAME}:{self.port}:127.0.0.1", "--cacert", str(self.root_path)]
 
     def ssl_context(self, client: Issued | None = None) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.root_path))
+        context = ssl.create_default_context(cafile=str(self.trust or self.root_path))
         if client is not None:
             context.load_cert_chain(client.cert_path, client.key_path)
         return context
@@ -262,6 +264,7 @@ def start_hub(
     database_url: str = "",
     workers: int = 1,
     init: bool = True,
+    trust: Path | None = None,
 ) -> HubServer:
     """Initialise a data directory (unless ``init`` is False) and start ``warden serve`` on a free port; returns
     once ``/healthz`` answers."""
@@ -321,7 +324,7 @@ def start_hub(
         stderr=subprocess.STDOUT,
     )
     log_file.close()
-    server = HubServer(data_dir=data_dir, port=port, env=env, process=process, log_path=log_path)
+    server = HubServer(data_dir=data_dir, port=port, env=env, process=process, log_path=log_path, trust=trust)
     deadline = time.monotonic() + 60
     while True:
         if process.poll() is not None:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.hubserver import HUB_NAME, start_hub
 from warden.core import ConfigurationError, FixedClock, load_settings
@@ -142,3 +145,47 @@ def test_crl_job_publishes_after_a_revocation_and_an_expiry(tmp_path: Path) -> N
         assert hub.crl_job()
         crl = x509.load_der_x509_crl(hub.certificates.current_crl().der)  # type: ignore[union-attr]
         assert crl.get_revoked_certificate_by_serial_number(issued.record.serial) is None
+
+
+def test_operator_provided_service_certificate_is_served_and_never_replaced(tmp_path: Path) -> None:
+    """With WARDEN_SERVICE_CERT_FILE/KEY_FILE the hub serves that chain and its jobs leave it alone."""
+    import socket
+    import ssl
+
+    from tests.hubserver import ManufacturerCA
+
+    other_ca = ManufacturerCA(tmp_path / "corp", name="Corp Web CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HUB_NAME)]))
+        .issuer_name(other_ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HUB_NAME)]), critical=False)
+        .sign(other_ca.key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "web.pem", tmp_path / "web.key"
+    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    server = start_hub(
+        tmp_path,
+        extra_env={"WARDEN_SERVICE_CERT_FILE": str(cert_file), "WARDEN_SERVICE_KEY_FILE": str(key_file)},
+        trust=other_ca.path,
+    )
+    try:
+        context = ssl.create_default_context(cafile=str(other_ca.path))
+        with (
+            socket.create_connection(("127.0.0.1", server.port)) as raw,
+            context.wrap_socket(raw, server_hostname=HUB_NAME) as tls,
+        ):
+            served = tls.getpeercert(binary_form=True)
+        assert served == leaf.public_bytes(serialization.Encoding.DER)
+        assert not (server.data_dir / SERVICE_CERT_FILE).exists()
+    finally:
+        server.stop()

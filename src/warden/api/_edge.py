@@ -5,6 +5,7 @@ the body is read and on the bytes actually received."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
@@ -53,7 +54,11 @@ class Edge:
         if length is not None and (not length.isdigit() or int(length) > max_body):
             status = 413
             await _plain(
-                send, 413, b"request body too large\n" if length.isdigit() else b"bad content-length\n", header_rid
+                send,
+                413,
+                b"request body too large\n" if length.isdigit() else b"bad content-length\n",
+                header_rid,
+                path=scope["path"],
             )
             self._finish(scope, status, started)
             request_id.reset(token)
@@ -85,7 +90,7 @@ class Edge:
         except _TooLargeError:
             if not response_started:
                 status = 413
-                await _plain(send, 413, b"request body too large\n", header_rid)
+                await _plain(send, 413, b"request body too large\n", header_rid, path=scope["path"])
         finally:
             self._finish(scope, status, started)
             request_id.reset(token)
@@ -115,13 +120,26 @@ class Edge:
             )
 
 
-async def _plain(send: Send, status: int, body: bytes, rid: bytes) -> None:
+async def _plain(send: Send, status: int, body: bytes, rid: bytes, *, path: str = "") -> None:
+    """An answer from the edge itself: plain text on EST paths (RFC 7030), problem details elsewhere (RFC 9457)."""
+    content_type = b"text/plain; charset=utf-8"
+    if not path.startswith("/.well-known/est/"):
+        content_type = b"application/problem+json"
+        body = json.dumps(
+            {
+                "type": "urn:warden:problem:too-large",
+                "title": "request body too large",
+                "status": status,
+                "detail": body.decode("ascii").strip(),
+                "request_id": rid.decode("ascii"),
+            }
+        ).encode("ascii")
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode("ascii")),
                 (b"connection", b"close"),
                 (b"x-request-id", rid),
