@@ -40,6 +40,9 @@ DeviceId = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]
 GroupName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 TagKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]{1,64}$")]
 TagValue = Annotated[str, Field(max_length=256)]
+#: additionalProperties false: pydantic puts the key pattern into patternProperties only, which alone lets any other
+#: key through in the schema while the server refuses it
+TagMap = Annotated[dict[TagKey, TagValue], Field(max_length=64, json_schema_extra={"additionalProperties": False})]
 Reason = Annotated[str, Field(max_length=512)]
 Pem = Annotated[str, Field(min_length=1, max_length=256 * 1024)]
 
@@ -63,7 +66,7 @@ class DeviceIn(_In):
     id: DeviceId
     display_name: Annotated[str, Field(max_length=128)] = ""
     groups: Annotated[list[GroupName], Field(max_length=32)] = []
-    tags: Annotated[dict[TagKey, TagValue], Field(max_length=64)] = {}
+    tags: TagMap = {}
 
 
 class DeviceOut(BaseModel):
@@ -153,7 +156,7 @@ class EnrollmentGroupIn(_In):
     id_field: Literal["cn", "serial-number"] = "cn"
     profile: Literal["device", "gateway"] = "device"
     validity_days: Annotated[int, Field(ge=1, le=825)] | None = None
-    tags: Annotated[dict[TagKey, TagValue], Field(max_length=64)] = {}
+    tags: TagMap = {}
     allow: Annotated[list[DeviceId], Field(max_length=100_000)] = []
     deny: Annotated[list[DeviceId], Field(max_length=100_000)] = []
 

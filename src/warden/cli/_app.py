@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import getpass
+import io
 import logging
 import os
 import re
@@ -878,6 +880,16 @@ def enrollment_rebind(
     typer.echo(f"device {device.id} bound to onboarding identity {device.onboarding_fingerprint}")
 
 
+def _has_token_rows(data: bytes) -> bool:
+    """Whether a CSV import has enrollment=token rows, whose new tokens need --tokens-out (a file that does not parse
+    is refused by the import itself, before any token is made)."""
+    try:
+        rows = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+        return any((row.get("enrollment") or "").strip() == "token" for row in rows)
+    except (UnicodeDecodeError, csv.Error):
+        return False
+
+
 @device_app.command("import")
 def device_import(
     path: Annotated[Path, typer.Argument(metavar="FILE", help="CSV with a device_id column ('-' for stdin).")],
@@ -891,7 +903,7 @@ def device_import(
         if tokens_out.exists():
             raise InvalidInputError(f"{tokens_out} exists already", hint="choose a new file for the tokens")
     data = _read_input(path, DEFAULT_LIMITS.max_csv_bytes, "the CSV file")
-    if b"enrollment" in data and b"token" in data and tokens_out is None:
+    if tokens_out is None and _has_token_rows(data):
         raise InvalidInputError("rows with enrollment=token need --tokens-out FILE for their tokens")
     count, tokens = _hub().provisioning.import_csv(data, actor=_actor())
     if tokens and tokens_out is not None:

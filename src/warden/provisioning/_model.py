@@ -48,9 +48,9 @@ class EnrollmentGroup:
     def admits(self, device_id: str) -> str | None:
         """Why ``device_id`` may not enroll through this group by its lists, or None."""
         if device_id in self.deny:
-            return f"device id {device_id!r} is on enrollment group {self.name!r}'s deny list"
+            return f"device id {device_id!r} is on the deny list of enrollment group {self.name!r}"
         if self.allow and device_id not in self.allow:
-            return f"device id {device_id!r} is not on enrollment group {self.name!r}'s allow list"
+            return f"device id {device_id!r} is not on the allow list of enrollment group {self.name!r}"
         return None
 
 

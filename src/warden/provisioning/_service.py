@@ -198,7 +198,8 @@ class _Gate:
 
     def _check_enrollment(self, uow: ProvisioningUnitOfWork, now: dt.datetime) -> Refusal | None:
         assert self.enrollment_id is not None
-        enrollment = uow.enrollments.get(self.enrollment_id)
+        # Locked: two workers racing with one token (or one enrollment) serialise here, and the second sees it used.
+        enrollment = uow.enrollments.get(self.enrollment_id, lock=True)
         if self.token is not None:
             # One generic reason for the client; the audit record says which check failed.
             generic = "the enrollment token is not valid (unknown, used, revoked or expired)"
@@ -231,8 +232,11 @@ class _Gate:
 
     def _check_identity(self, uow: ProvisioningUnitOfWork, now: dt.datetime) -> Refusal | None:
         assert self.fingerprint is not None
+        # The device row is locked first: two workers onboarding one device (with one or two identities) serialise
+        # here, and the second sees what the first bound. A new device id has no row: there the unique keys of the
+        # device id and the onboarding fingerprint make the second commit fail, and its retry sees the first.
+        device = uow.devices.get(self.device_id, lock=True)
         holder = uow.devices.by_onboarding(self.fingerprint)
-        device = uow.devices.get(self.device_id)
         conflict: str | None = None
         if holder is not None and holder.id != self.device_id:
             conflict = f"this onboarding identity belongs to device {holder.id!r}"
@@ -757,13 +761,18 @@ class ProvisioningService:
                     source=source,
                     issuer=onboarding.certificate.issuer.rfc4514_string()[:200],
                 )
-            group = groups[0]
-            try:
-                device_id = onboarding.device_id(group.id_field)
-            except InvalidInputError as e:
-                raise self._refuse(
-                    anonymous, action, "est:simpleenroll", e.message, source=source, group=group.name
-                ) from None
+            # Several groups may trust one CA: the first (by name) whose id field and lists admit the device.
+            group, device_id, problem = None, "", ""
+            for candidate in groups:
+                try:
+                    candidate_id = onboarding.device_id(candidate.id_field)
+                except InvalidInputError as e:
+                    problem = problem or e.message
+                    continue
+                if group is None or (candidate.admits(candidate_id) is None and group.admits(device_id) is not None):
+                    group, device_id = candidate, candidate_id
+            if group is None:
+                raise self._refuse(anonymous, action, "est:simpleenroll", problem, source=source, group=groups[0].name)
             profile, validity_days = group.profile, group.validity_days
         actor = f"device:{device_id}"
         self._check_csr_names(csr, device_id, actor, action, source)
@@ -1049,8 +1058,9 @@ class ProvisioningService:
         display_name = cell("display_name") or device_id
         if len(display_name) > self._limits.max_display_name_chars or not display_name.isprintable():
             raise InvalidInputError("the display name is too long or not printable")
-        if cell("state") not in ("", "pending"):
-            raise InvalidInputError("imported devices start pending; leave the state column empty or 'pending'")
+        if cell("state") not in ("", *(str(s) for s in DeviceState)):
+            raise InvalidInputError(f"unknown state {cell('state')[:20]!r}")
+        # Whatever state an export recorded, an imported device starts pending: it must onboard on this hub.
         tags: dict[str, str] = {}
         for pair in filter(None, cell("tags").split(";")):
             key, value = validate_tag(pair)

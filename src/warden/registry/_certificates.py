@@ -349,6 +349,10 @@ class CertificateService:
                     results.append(IssuanceRefusedError(hook_refusal.reason, target=target))
                     continue
             state = states.get(device_id) if device_id is not None else None
+            if item.hooks is not None and device_id is not None:
+                # The hook locked the device's row: its state is read again now, not taken from the batch's start.
+                current = uow.devices.get(device_id)
+                state = current.state if current is not None else None
             create = item.new_device is not None and state is None
             if create:
                 state = DeviceState.PENDING
@@ -394,6 +398,11 @@ class CertificateService:
                 AuditEvent(item.actor, item.action, target, details=_issue_details(item, request, issued.record))
             )
             if item.hooks is not None:
+                if any(r.device_id == device_id for r in records[:-1]):
+                    # The hook may act on the device's certificates (a re-onboarding revokes them): those signed
+                    # earlier in this batch must be there.
+                    uow.certificates.insert_many(records)
+                    records = []
                 events.extend(item.hooks.recorded(uow, issued.record, now))
             results.append(issued)
             if device_id is None:

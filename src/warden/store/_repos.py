@@ -145,8 +145,11 @@ class DeviceRepository:
                 [{"device_id": device.id, "key": k, "value": v} for k, v in device.tags.items()],
             )
 
-    def get(self, device_id: str) -> Device | None:
-        row = self._c.execute(select(devices).where(devices.c.id == device_id)).first()
+    def get(self, device_id: str, *, lock: bool = False) -> Device | None:
+        query = select(devices).where(devices.c.id == device_id)
+        if lock:
+            query = query.with_for_update()  # PostgreSQL; SQLite's writers are serialised by BEGIN IMMEDIATE
+        row = self._c.execute(query).first()
         if row is None:
             return None
         return self._hydrate([row])[0]
@@ -702,8 +705,11 @@ class EnrollmentRepository:
         if enrollment.kind is EnrollmentKind.CERTIFICATE:
             self._counters.next(_CERTIFICATES_VERSION)
 
-    def get(self, enrollment_id: str) -> IndividualEnrollment | None:
-        row = self._c.execute(select(enrollments).where(enrollments.c.id == enrollment_id)).first()
+    def get(self, enrollment_id: str, *, lock: bool = False) -> IndividualEnrollment | None:
+        query = select(enrollments).where(enrollments.c.id == enrollment_id)
+        if lock:
+            query = query.with_for_update()  # PostgreSQL; SQLite's writers are serialised by BEGIN IMMEDIATE
+        row = self._c.execute(query).first()
         return _enrollment(row) if row is not None else None
 
     def by_certificate(self, fingerprint: str) -> IndividualEnrollment | None:
