@@ -76,6 +76,26 @@ def _rate_limit(request: Request, identity: str | None) -> None:
         raise RateLimitedError(f"too many enrollment requests from this {name}", retry_after=retry_after)
 
 
+async def _read_csr(request: Request, actor: str) -> bytes:
+    """The request's CSR; a body that is refused before the use cases see it is audited here."""
+    try:
+        return await _read_body(request)
+    except WardenError as e:
+        hub: Hub = request.app.state.hub
+        operation = request.url.path.rsplit("/", 1)[-1]
+        reason = e.message
+        await anyio.to_thread.run_sync(
+            lambda: hub.provisioning.audit_refusal(
+                actor=actor,
+                action="enrollment.reenroll" if operation == "simplereenroll" else "enrollment.enroll",
+                target=f"est:{operation}",
+                reason=reason,
+                source=_source(request),
+            )
+        )
+        raise
+
+
 async def _read_body(request: Request) -> bytes:
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("application/pkcs10"):
@@ -117,8 +137,9 @@ async def simpleenroll(request: Request) -> Response:
     token = _token_from(request)
     certificate = client_certificate(request.scope)
     if token is not None:
-        _rate_limit(request, "token:" + token.partition(".")[0][:32])
-        csr = await _read_body(request)
+        token_id = token.partition(".")[0][:32]
+        _rate_limit(request, "token:" + token_id)
+        csr = await _read_csr(request, f"token:{token_id}")
         source = _source(request)
         return await _issue(
             request, "simpleenroll", lambda: hub.provisioning.enroll_with_token(token, csr, source=source)
@@ -129,8 +150,9 @@ async def simpleenroll(request: Request) -> Response:
             "simpleenroll needs an onboarding certificate (TLS client certificate) or an enrollment token",
             hint="present the device's IDevID, or send the token as HTTP Basic password or Bearer",
         )
-    _rate_limit(request, "cert:" + hashlib.sha256(certificate).hexdigest()[:32])
-    csr = await _read_body(request)
+    fingerprint = hashlib.sha256(certificate).hexdigest()
+    _rate_limit(request, "cert:" + fingerprint[:32])
+    csr = await _read_csr(request, f"onboarding:{fingerprint[:16]}")
     source = _source(request)
     return await _issue(
         request, "simpleenroll", lambda: hub.provisioning.enroll_with_certificate(certificate, csr, source=source)
@@ -146,7 +168,8 @@ async def simplereenroll(request: Request) -> Response:
         raise AuthenticationError(
             "simplereenroll needs the device's current operational certificate as TLS client certificate"
         )
-    _rate_limit(request, "cert:" + hashlib.sha256(certificate).hexdigest()[:32])
-    csr = await _read_body(request)
+    fingerprint = hashlib.sha256(certificate).hexdigest()
+    _rate_limit(request, "cert:" + fingerprint[:32])
+    csr = await _read_csr(request, f"certificate:{fingerprint[:16]}")
     source = _source(request)
     return await _issue(request, "simplereenroll", lambda: hub.provisioning.reenroll(certificate, csr, source=source))

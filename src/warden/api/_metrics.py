@@ -43,7 +43,7 @@ class Metrics:
         )
         self.tls_failures = Counter(
             "warden_tls_handshake_failures",
-            "TLS handshakes the hub refused (fatal alert sent), by TLS alert",
+            "TLS handshakes the hub refused, by the TLS alert OpenSSL raised",
             ["alert"],
             registry=self.registry,
         )

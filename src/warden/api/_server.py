@@ -136,7 +136,8 @@ class TlsContexts:
         context.set_alpn_protocols(["http/1.1"])
         if hasattr(context, "_msg_callback"):
             # CPython's (private) TLS message hook is the only place a refused handshake is visible from Python:
-            # asyncio drops the error silently. Only fatal alerts the hub sends are counted.
+            # asyncio drops the error silently. Every fatal alert OpenSSL produces is counted (asyncio then closes
+            # the connection without flushing it, so the client sees the connection end, not the alert).
             context._msg_callback = self._on_message
         self._version = version
         return context
@@ -158,6 +159,7 @@ class TlsContexts:
             if self._state() == self._version:
                 return False
             self.current = self._build()
+        self._hub.provisioning.forget_caches()
         self._metrics.trust_reloads.inc()
         log.info("TLS context rebuilt (trust store or service certificate changed)")
         return True

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from starlette.status import HTTP_201_CREATED
 
-from warden.api._auth import principal_of, requires
+from warden.api._auth import AuthFirstRoute, principal_of, requires
 from warden.api._schemas import (
     AuditPage,
     AuditRecordOut,
@@ -54,7 +54,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (422, "Request does not match the schema"),
     )
 }
-router = APIRouter(prefix="/api/v1", responses=_ERRORS)
+router = APIRouter(prefix="/api/v1", responses=_ERRORS, route_class=AuthFirstRoute)
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="Page size")]
 Cursor = Annotated[str | None, Query(max_length=128, description="next_cursor of the previous page")]

@@ -29,6 +29,7 @@ from warden.core import (
     AlreadyExistsError,
     AuthenticationError,
     Clock,
+    CSRRejectedError,
     IllegalTransitionError,
     InvalidInputError,
     IssuanceRefusedError,
@@ -45,7 +46,7 @@ from warden.core import (
     verify_mac,
 )
 from warden.monitor import AuditEvent, AuditLog
-from warden.pki import BACKDATE, Profile, RevocationReason
+from warden.pki import BACKDATE, Profile, RevocationReason, check_csr_size
 from warden.provisioning._attest import (
     GroupIndex,
     certificate_fingerprint,
@@ -693,6 +694,15 @@ class ProvisioningService:
         with self._index_lock:
             self._index = None
 
+    def forget_caches(self) -> None:
+        """Drop cached enrollment groups (the server calls this when it sees the trust material change, so that a
+        group another process added is used at once, not after the cache's lifetime)."""
+        self._forget_index()
+
+    def audit_refusal(self, *, actor: str, action: str, target: str, reason: str, source: str) -> None:
+        """Record an EST request refused before it reached the use cases (an unreadable body, a wrong media type)."""
+        self._refuse(actor, action, target, reason[:300], source=source)
+
     def trust_material(self) -> TrustMaterial:
         """The CA certificates and pinned onboarding certificates the EST listener must trust, with a version."""
         with self._tx(readonly=True) as uow:
@@ -722,7 +732,12 @@ class ProvisioningService:
         return IssuanceRefusedError(reason, target=target)
 
     def _check_csr_names(self, csr: bytes, device_id: str, actor: str, action: str, source: str) -> None:
-        mismatch = csr_identity_mismatch(csr, device_id, self._fleet_domain)
+        try:
+            check_csr_size(csr, limits=self._limits)
+            mismatch = csr_identity_mismatch(csr, device_id, self._fleet_domain)
+        except CSRRejectedError as e:
+            self._refuse(actor, action, f"device:{device_id}", e.message, source=source)
+            raise
         if mismatch is not None:
             raise self._refuse(actor, action, f"device:{device_id}", mismatch, source=source)
 

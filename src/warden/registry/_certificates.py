@@ -331,11 +331,12 @@ class CertificateService:
         events: list[AuditEvent] = []
         activated: list[str] = []
         for item, request in zip(batch, requests, strict=True):
-            if isinstance(request, CSRRejectedError):
-                results.append(request)
-                continue
             device_id = item.device_id
             target = f"device:{device_id}" if device_id else f"service:{item.identity.common_name}"
+            if isinstance(request, CSRRejectedError):
+                events.append(AuditEvent(item.actor, item.action, target, "denied", {"reason": request.message}))
+                results.append(request)
+                continue
             if item.renew and records:
                 # A renewal looks at the device's certificates: those signed earlier in this batch must be there.
                 uow.certificates.insert_many(records)
