@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = ["client_certificate", "router"]
 router = APIRouter(prefix="/.well-known/est", include_in_schema=False)
 _B64_HEADERS = {"Content-Transfer-Encoding": "base64"}
 _MAX_BODY = max_body_bytes()
+_TOKEN_ID = re.compile(r"[a-z]{2,4}_[0-9a-f]{16}")
 
 
 def client_certificate(scope: Any) -> bytes | None:
@@ -137,7 +139,10 @@ async def simpleenroll(request: Request) -> Response:
     token = _token_from(request)
     certificate = client_certificate(request.scope)
     if token is not None:
-        token_id = token.partition(".")[0][:32]
+        # The id part names the client for rate limiting and the audit log: only a well-formed id is used as given.
+        token_id = token.partition(".")[0]
+        if not _TOKEN_ID.fullmatch(token_id):
+            token_id = "malformed"
         _rate_limit(request, "token:" + token_id)
         csr = await _read_csr(request, f"token:{token_id}")
         source = _source(request)
