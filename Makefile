@@ -48,6 +48,9 @@ test: lint typecheck contracts unit
 
 bench: setup
 	$(BIN)/python bench/issuance.py
+	PYTHONPATH=. $(BIN)/python bench/enroll.py --seconds $(or $(BENCH_SECONDS),30)
+	PYTHONPATH=. $(BIN)/python bench/ocsp.py --seconds $(or $(BENCH_SECONDS),30)
+	PYTHONPATH=. $(BIN)/python bench/ratelimit.py --seconds $(or $(BENCH_SECONDS),30)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -39,6 +39,7 @@ import platform
 import shutil
 import socket
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -296,10 +297,26 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "openssl": ssl.OPENSSL_VERSION,
+        "code": code_version(),
         "cryptography": metadata.version("cryptography"),
         "uvicorn": metadata.version("uvicorn"),
         "fastapi": metadata.version("fastapi"),
     }
+
+
+def code_version() -> dict[str, object]:
+    """The commit the hub's code is at and the files under src/ that differ from it (read-only git commands)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.rstrip() if done.returncode == 0 else ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines() if line]
+    return {"commit": git("rev-parse", "--short", "HEAD") or None, "src_changed": changed}
 
 
 def write_json(path: Path, results: dict[str, object]) -> None:

@@ -170,10 +170,8 @@ def test_onboarding_through_a_group(env: Env) -> None:
     assert actions == [
         ("device.add", "success"),
         ("enrollment.enroll", "success"),
-        ("enrollment.onboard", "success"),
-        ("device.state", "success"),
     ]
-    [onboarded] = records(env.hub, "enrollment.onboard")
+    [onboarded] = records(env.hub, "enrollment.enroll", outcome="success")
     assert onboarded.actor == "device:dev-1"
     assert onboarded.details["enrollment_group"] == "line-1"
     assert onboarded.details["method"] == "certificate"
@@ -198,7 +196,7 @@ def test_onboarding_through_an_individual_certificate_enrollment(env: Env) -> No
     device = env.hub.devices.get_device("dev-2")
     assert device.state is DeviceState.ACTIVE
     assert device.onboarding_fingerprint == fingerprint(idevid.certificate)
-    [onboarded] = records(env.hub, "enrollment.onboard", target="device:dev-2")
+    [onboarded] = records(env.hub, "enrollment.enroll", outcome="success", target="device:dev-2")
     assert onboarded.details["enrollment"] == enrollment.id
     assert "enrollment_group" not in onboarded.details
     assert device_ids(env.hub) == ["dev-2"]
@@ -243,7 +241,7 @@ def test_a_token_onboards_once(env: Env) -> None:
     device = env.hub.devices.get_device("dev-3")
     assert device.state is DeviceState.ACTIVE
     assert device.onboarding_fingerprint == token_fingerprint("dev-3")
-    [onboarded] = records(env.hub, "enrollment.onboard", target="device:dev-3")
+    [onboarded] = records(env.hub, "enrollment.enroll", outcome="success", target="device:dev-3")
     assert onboarded.details["method"] == "token"
     assert onboarded.details["enrollment"] == token.id
 
@@ -506,7 +504,7 @@ def test_renewal_keeps_the_profile_and_validity(env: Env) -> None:
     [reenrolled] = records(env.hub, "enrollment.reenroll", outcome="success")
     assert reenrolled.actor == "device:gw-1"
     # A renewal is not an onboarding.
-    assert len(records(env.hub, "enrollment.onboard")) == 1
+    assert len(records(env.hub, "enrollment.enroll", outcome="success")) == 1
 
     # ... and the renewed certificate renews in turn, with a new key each time.
     again = env.hub.provisioning.reenroll(der(renewed.issued.certificate), csr_der("gw-1")[0], source=SOURCE)
@@ -601,7 +599,7 @@ def test_a_failed_enrollment_leaves_no_device_certificate_or_used_token(env: Env
     device = env.hub.devices.get_device("dev-3")
     assert (device.state, device.onboarding_fingerprint) == (DeviceState.PENDING, None)
     assert env.hub.provisioning.get_enrollment(token.id).status is EnrollmentStatus.ACTIVE
-    assert records(env.hub, "enrollment.onboard", target="device:dev-1") == []
+    assert records(env.hub, "enrollment.enroll", outcome="success", target="device:dev-1") == []
 
     # Nothing was burnt: both onboard with a good request.
     onboard(env.hub, env.maker.idevid("dev-1"), "dev-1")
@@ -617,7 +615,7 @@ def test_a_device_that_may_not_have_certificates_does_not_onboard(env: Env) -> N
         onboard(env.hub, env.maker.idevid("dev-1"), "dev-1")
     device = env.hub.devices.get_device("dev-1")
     assert (device.state, device.onboarding_fingerprint) == (DeviceState.DECOMMISSIONED, None)
-    assert records(env.hub, "enrollment.onboard") == []
+    assert records(env.hub, "enrollment.enroll", outcome="success") == []
 
 
 # -- races under group commit -------------------------------------------------------------------------------------
@@ -659,7 +657,7 @@ def test_racing_uses_of_one_token_issue_once(gc_hub: Hub) -> None:
     assert all(isinstance(e, IssuanceRefusedError) for e in errors), errors
     assert len(device_certificates(gc_hub, "dev-1")) == 1
     assert gc_hub.provisioning.get_enrollment(token.id).status is EnrollmentStatus.USED
-    assert len(records(gc_hub, "enrollment.onboard")) == 1
+    assert len(records(gc_hub, "enrollment.enroll", outcome="success")) == 1
     assert len(records(gc_hub, "enrollment.enroll", outcome="denied")) == N - 1
 
 
@@ -678,7 +676,7 @@ def test_racing_onboardings_through_one_group_all_succeed(gc_hub: Hub, tmp_path:
     for device in gc_hub.devices.list_devices():
         assert device.state is DeviceState.ACTIVE
         assert device.onboarding_fingerprint == fingerprint(idevids[device.id].certificate)
-    assert len(records(gc_hub, "enrollment.onboard")) == N
+    assert len(records(gc_hub, "enrollment.enroll", outcome="success")) == N
     with gc_hub.db.transaction(readonly=True) as uow:
         gc_hub.audit.verify(uow)
 

@@ -73,6 +73,7 @@ def create_app(
     app.state.cacerts = certs_only(chain)
     app.state.chain_pem = hub.chain_pem()
     app.state.crl_cache = _pki.CrlCache(hub)
+    app.state.ocsp_cache = _pki.OcspCache()
     install_handlers(app)
     # The routers' routes are added to the app itself (their paths carry the prefix already), so that app.routes
     # lists every route flat: the authorisation test walks it.

@@ -10,6 +10,7 @@ import time
 import urllib.parse
 
 import anyio
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 from fastapi import APIRouter, Request
@@ -20,7 +21,7 @@ from warden.core import DEFAULT_LIMITS, InvalidInputError, NotFoundError, OCSPRe
 from warden.hub import Hub
 from warden.registry import PublishedCrl
 
-__all__ = ["CrlCache", "router"]
+__all__ = ["CrlCache", "OcspCache", "router"]
 
 router = APIRouter(prefix="/pki", include_in_schema=False)
 _OCSP_RESPONSE = "application/ocsp-response"
@@ -33,6 +34,17 @@ class CrlCache:
         self._hub = hub
         self._crl: PublishedCrl | None = None
         self._checked = 0.0
+        self._number: int | None = None
+        self._number_checked = -1.0
+
+    def number(self) -> int | None:
+        """The current CRL's number, re-read at most once a second (from the event loop: a cached value, or one
+        indexed query)."""
+        now = time.monotonic()
+        if now - self._number_checked >= 1.0:
+            self._number_checked = now
+            self._number = self._hub.certificates.crl_number()
+        return self._number
 
     def get(self) -> PublishedCrl | None:
         now = time.monotonic()
@@ -68,6 +80,46 @@ async def crl(request: Request) -> Response:
     return Response(current.der, media_type="application/pkix-crl", headers=headers)
 
 
+class OcspCache:
+    """Signed answers to nonce-less OCSP requests (RFC 5019: the form devices and brokers send at scale), reused
+    for up to ``max_age`` and only while the published CRL is the same: the leader publishes a new CRL within about
+    a second of any revocation, so a cached "good" outlives a revocation by about that much. Requests with a nonce
+    are always signed afresh. At most ``max_entries`` answers are kept (oldest dropped first)."""
+
+    def __init__(self, *, max_entries: int = 50_000, max_age: float = 60.0) -> None:
+        self._entries: dict[bytes, tuple[bytes, float, int | None]] = {}
+        self._max_entries = max_entries
+        self._max_age = max_age
+
+    @staticmethod
+    def key(der: bytes) -> bytes | None:
+        """The cache key of a request (its DER, which holds the CertID), or None when it has a nonce or does not
+        parse (then the responder decides)."""
+        try:
+            request = ocsp.load_der_ocsp_request(der)
+            request.extensions.get_extension_for_class(x509.OCSPNonce)
+        except x509.ExtensionNotFound:
+            return der
+        except ValueError:
+            return None
+        return None
+
+    def get(self, key: bytes, crl_number: int | None) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        answer, stored, number = entry
+        if number != crl_number or time.monotonic() - stored > self._max_age:
+            self._entries.pop(key, None)
+            return None
+        return answer
+
+    def put(self, key: bytes, answer: bytes, crl_number: int | None) -> None:
+        if len(self._entries) >= self._max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = (answer, time.monotonic(), crl_number)
+
+
 def _answer(hub: Hub, der: bytes) -> bytes:
     try:
         return hub.certificates.ocsp_respond(der, actor="hub")
@@ -80,7 +132,15 @@ def _answer(hub: Hub, der: bytes) -> bytes:
 
 async def _respond(request: Request, der: bytes) -> Response:
     hub: Hub = request.app.state.hub
-    answer = await anyio.to_thread.run_sync(_answer, hub, der)
+    cache: OcspCache = request.app.state.ocsp_cache
+    crl: CrlCache = request.app.state.crl_cache
+    key = OcspCache.key(der)
+    number = crl.number()
+    answer = cache.get(key, number) if key is not None else None
+    if answer is None:
+        answer = await anyio.to_thread.run_sync(_answer, hub, der)
+        if key is not None:
+            cache.put(key, answer, number)
     return Response(answer, media_type=_OCSP_RESPONSE, headers={"Cache-Control": "max-age=0, no-cache"})
 
 

@@ -80,6 +80,9 @@ class WardenHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        raw = transport.get_extra_info("socket")
+        if raw is not None:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is None:
             self._tls = None
@@ -276,7 +279,12 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, announce: C
             )
         prepare(hub)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=2048)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when the listening socket says
+    # so, and without it a response written in two parts waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
     bound = sock.getsockname()[1]
     names = ", ".join(settings.service_names)
     announce(f"warden hub listening on https://{host}:{bound} (certificate for {names}; {workers} worker(s))")

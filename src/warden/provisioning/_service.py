@@ -81,6 +81,7 @@ CONFLICT_EVENT = "onboarding-identity-conflict"
 _TOKEN_PREFIX = "enr"  # noqa: S105 - the id prefix of enrollment tokens
 _CSV_FIELDS = ("device_id", "display_name", "state", "tags", "groups", "enrollment", "certificate_pem")
 _MAX_VALIDITY_DAYS = 825
+_ONBOARDABLE = frozenset({DeviceState.PENDING, DeviceState.ACTIVE})
 
 
 def token_fingerprint(device_id: str) -> str:
@@ -185,6 +186,9 @@ class _Gate:
 
     def _check_renewal(self, uow: ProvisioningUnitOfWork, now: dt.datetime) -> Refusal | None:
         assert self.renewing_serial is not None
+        device = uow.devices.identity(self.device_id, lock=True)
+        if device is not None and device[0] is not DeviceState.ACTIVE:
+            return Refusal(f"device {self.device_id!r} is {device[0]}; only active devices renew", self._details())
         record = uow.certificates.get(self.renewing_serial)
         if record is None or record.device_id != self.device_id or record.fingerprint != self.fingerprint:
             return Refusal("the client certificate is not a certificate of this hub", self._details())
@@ -226,6 +230,11 @@ class _Gate:
         group = uow.enrollment_groups.get(self.group)
         if group is None or not group.enabled:
             return Refusal(f"enrollment group {self.group!r} is disabled", self._details())
+        assert self.fingerprint is not None
+        if uow.enrollments.by_certificate(self.fingerprint) is not None:
+            # An individual enrollment for this certificate appeared since the caller looked: it decides the
+            # device id, not the group. The client retries.
+            return Refusal("this onboarding certificate has just been enrolled individually; retry", self._details())
         reason = group.admits(self.device_id)
         if reason is not None:
             return Refusal(reason, self._details())
@@ -236,12 +245,13 @@ class _Gate:
         # The device row is locked first: two workers onboarding one device (with one or two identities) serialise
         # here, and the second sees what the first bound. A new device id has no row: there the unique keys of the
         # device id and the onboarding fingerprint make the second commit fail, and its retry sees the first.
-        device = uow.devices.get(self.device_id, lock=True)
-        holder = uow.devices.by_onboarding(self.fingerprint)
+        device = uow.devices.identity(self.device_id, lock=True)
+        bound = device[1] if device is not None else None
+        holder = uow.devices.holder_of(self.fingerprint)
         conflict: str | None = None
-        if holder is not None and holder.id != self.device_id:
-            conflict = f"this onboarding identity belongs to device {holder.id!r}"
-        elif device is not None and device.onboarding_fingerprint not in (None, self.fingerprint):
+        if holder is not None and holder != self.device_id:
+            conflict = f"this onboarding identity belongs to device {holder!r}"
+        elif bound not in (None, self.fingerprint):
             conflict = f"device {self.device_id!r} is bound to another onboarding identity"
         if conflict is not None:
             event = AuditEvent(
@@ -251,12 +261,14 @@ class _Gate:
                 "denied",
                 self._details(
                     presented=self.fingerprint,
-                    bound_to=holder.id if holder is not None and holder.id != self.device_id else None,
-                    expected=device.onboarding_fingerprint if device is not None else None,
+                    bound_to=holder if holder != self.device_id else None,
+                    expected=bound,
                 ),
             )
             return Refusal(conflict, self._details(security_event=CONFLICT_EVENT), (event,))
-        if device is not None and device.onboarding_fingerprint == self.fingerprint:
+        if device is not None and device[0] not in _ONBOARDABLE:
+            return Refusal(f"device {self.device_id!r} is {device[0]}", self._details())
+        if bound == self.fingerprint:
             armed = uow.reonboarding.get(self.device_id)
             if armed is None or now >= armed.expires_at:
                 return Refusal(
@@ -264,8 +276,15 @@ class _Gate:
                     self._details(hint="an operator can arm a re-onboarding: warden enrollment rearm"),
                 )
             self._reonboard = True
-        self._bind = device is None or device.onboarding_fingerprint is None
+        # A device the enrollment creates carries its fingerprint already; one registered earlier gets it bound.
+        self._bind = device is not None and bound is None
         return None
+
+    def details(self) -> dict[str, object]:
+        details = self._details()
+        if self.renewing_serial is None:
+            details["onboarding"] = self.fingerprint
+        return details
 
     def recorded(
         self, registry_uow: RegistryUnitOfWork, record: CertificateRecord, now: dt.datetime
@@ -274,14 +293,7 @@ class _Gate:
         target = f"device:{self.device_id}"
         if self.renewing_serial is not None:
             return []
-        events = [
-            AuditEvent(
-                self.actor,
-                "enrollment.onboard",
-                target,
-                details=self._details(serial=record.serial_hex, onboarding=self.fingerprint),
-            )
-        ]
+        events: list[AuditEvent] = []
         if self.token is not None:
             assert self.enrollment_id is not None
             uow.enrollments.set_status(self.enrollment_id, EnrollmentStatus.USED, now)
@@ -341,7 +353,7 @@ class ProvisioningService:
         self._reonboard_window = reonboard_window
         self._cache_seconds = cache_seconds
         self._index_lock = threading.Lock()
-        self._index: tuple[str, GroupIndex, dt.datetime] | None = None
+        self._index: tuple[str, tuple[GroupIndex, Mapping[str, IndividualEnrollment]], dt.datetime] | None = None
 
     # -- enrollment groups --------------------------------------------------------------------------------------
 
@@ -522,6 +534,7 @@ class ProvisioningService:
                     details={"enrollment": enrollment.id, "kind": "certificate", "fingerprint": fingerprint},
                 ),
             )
+        self._forget_index()
         return enrollment
 
     def add_token_enrollment(
@@ -599,6 +612,7 @@ class ProvisioningService:
                     actor, "enrollment.revoke", f"device:{enrollment.device_id}", details={"enrollment": enrollment_id}
                 ),
             )
+        self._forget_index()
         return dataclasses.replace(enrollment, status=EnrollmentStatus.REVOKED, revoked_at=now)
 
     def rearm(self, device_id: str, *, actor: str, reason: str = "") -> Reonboarding:
@@ -675,20 +689,35 @@ class ProvisioningService:
     # -- the EST use cases --------------------------------------------------------------------------------------
 
     def _group_index(self) -> GroupIndex:
+        return self._trust_view()[0]
+
+    def _pinned(self) -> Mapping[str, IndividualEnrollment]:
+        return self._trust_view()[1]
+
+    def _trust_view(self) -> tuple[GroupIndex, Mapping[str, IndividualEnrollment]]:
+        """The enabled groups and the active certificate enrollments (by fingerprint), read at most every
+        ``cache_seconds`` and only when their versions moved. Only used to find which device a certificate claims
+        to be: the issuing transaction re-checks the group or enrollment it picked, with the row locked."""
         now = self._clock.now()
         with self._index_lock:
             cached = self._index
         if cached is not None and now < cached[2]:
             return cached[1]
         with self._tx(readonly=True) as uow:
-            version = uow.enrollment_groups.version()
+            version = f"{uow.enrollment_groups.version()}/{uow.enrollments.certificates_version()}"
             if cached is not None and cached[0] == version:
-                index = cached[1]
+                view = cached[1]
             else:
                 index = GroupIndex(uow.enrollment_groups.find(enabled=True))
+                pinned = {
+                    e.certificate_fingerprint: e
+                    for e in uow.enrollments.find(status=EnrollmentStatus.ACTIVE)
+                    if e.kind is EnrollmentKind.CERTIFICATE and e.certificate_fingerprint is not None
+                }
+                view = (index, pinned)
         with self._index_lock:
-            self._index = (version, index, now + dt.timedelta(seconds=self._cache_seconds))
-        return index
+            self._index = (version, view, now + dt.timedelta(seconds=self._cache_seconds))
+        return view
 
     def _forget_index(self) -> None:
         with self._index_lock:
@@ -759,8 +788,7 @@ class ProvisioningService:
             raise self._refuse(
                 anonymous, action, "est:simpleenroll", "the onboarding certificate is not valid now", source=source
             )
-        with self._tx(readonly=True) as uow:
-            enrollment = uow.enrollments.by_certificate(onboarding.fingerprint)
+        enrollment = self._pinned().get(onboarding.fingerprint)
         group: EnrollmentGroup | None = None
         if enrollment is not None:
             device_id = enrollment.device_id

@@ -9,6 +9,7 @@ commit that verifies, signs and records every request queued meanwhile in one tr
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
@@ -105,6 +106,10 @@ class IssueHooks(Protocol):
     signed and returns the audit events of what it changed. Both see every earlier request of the same batch."""
 
     def check(self, uow: RegistryUnitOfWork, now: dt.datetime) -> Refusal | None: ...
+    def details(self) -> Mapping[str, object]:
+        """Added to the audit record of the issuance (how the request was authenticated, from where)."""
+        ...
+
     def recorded(self, uow: RegistryUnitOfWork, record: CertificateRecord, now: dt.datetime) -> list[AuditEvent]: ...
 
 
@@ -352,8 +357,8 @@ class CertificateService:
             state = states.get(device_id) if device_id is not None else None
             if item.hooks is not None and device_id is not None:
                 # The hook locked the device's row: its state is read again now, not taken from the batch's start.
-                current = uow.devices.get(device_id)
-                state = current.state if current is not None else None
+                current = uow.devices.identity(device_id)
+                state = current[0] if current is not None else None
             create = item.new_device is not None and state is None
             if create:
                 state = DeviceState.PENDING
@@ -378,9 +383,10 @@ class CertificateService:
             # Later requests in the same batch see this certificate's key as in use.
             uses.append((target, CertificateStatus.GOOD))
             if create:
+                # Registered active at once: it has its first certificate in this very transaction.
                 assert item.new_device is not None
-                uow.devices.insert(item.new_device)
-                states[item.new_device.id] = DeviceState.PENDING
+                uow.devices.insert(dataclasses.replace(item.new_device, state=DeviceState.ACTIVE))
+                states[item.new_device.id] = state = DeviceState.ACTIVE
                 events.append(
                     AuditEvent(
                         item.actor,
@@ -389,15 +395,16 @@ class CertificateService:
                         details={
                             "groups": list(item.new_device.groups),
                             "tags": dict(item.new_device.tags),
-                            "state": "pending",
+                            "state": "active",
                             "reason": "enrollment",
                         },
                     )
                 )
             records.append(issued.record)
-            events.append(
-                AuditEvent(item.actor, item.action, target, details=_issue_details(item, request, issued.record))
-            )
+            details = _issue_details(item, request, issued.record)
+            if item.hooks is not None:
+                details.update(item.hooks.details())
+            events.append(AuditEvent(item.actor, item.action, target, details=details))
             if item.hooks is not None:
                 if any(r.device_id == device_id for r in records[:-1]):
                     # The hook may act on the device's certificates (a re-onboarding revokes them): those signed

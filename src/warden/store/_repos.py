@@ -73,6 +73,26 @@ _KEY_USES = select(
     certificates.c.key_fingerprint, certificates.c.device_id, certificates.c.common_name, certificates.c.status
 ).where(certificates.c.key_fingerprint.in_(bindparam("keys", expanding=True)))
 _INSERT_AUDIT = insert(audit_log)
+# The enrollment path's lookups, prebuilt for the same reason.
+_DEVICE_EXISTS = select(devices.c.id).where(devices.c.id == bindparam("id"))
+_INSERT_DEVICE = insert(devices)
+_DEVICE_IDENTITY = select(devices.c.state, devices.c.onboarding_fingerprint).where(devices.c.id == bindparam("id"))
+_DEVICE_IDENTITY_LOCKED = _DEVICE_IDENTITY.with_for_update()
+_DEVICE_BY_ONBOARDING = select(devices.c.id).where(devices.c.onboarding_fingerprint == bindparam("fp"))
+_CERTIFICATE_BY_SERIAL = select(certificates).where(certificates.c.serial == bindparam("serial"))
+_ENROLLMENT = select(enrollments).where(enrollments.c.id == bindparam("id"))
+_ENROLLMENT_LOCKED = _ENROLLMENT.with_for_update()
+_ENROLLMENT_BY_CERTIFICATE = (
+    select(enrollments)
+    .where(
+        enrollments.c.certificate_fingerprint == bindparam("fp"),
+        enrollments.c.kind == str(EnrollmentKind.CERTIFICATE),
+        enrollments.c.status == str(EnrollmentStatus.ACTIVE),
+    )
+    .order_by(enrollments.c.id)
+    .limit(1)
+)
+_REONBOARDING = select(reonboarding).where(reonboarding.c.device_id == bindparam("id"))
 _HEAD = select(audit_head.c.seq, audit_head.c.hash, audit_head.c.last_checkpoint_seq).where(audit_head.c.id == 1)
 _HEAD_FOR_UPDATE = _HEAD.with_for_update()
 _MOVE_HEAD = update(audit_head).where(audit_head.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
@@ -119,20 +139,21 @@ class DeviceRepository:
         self._c = connection
 
     def _exists(self, device_id: str) -> bool:
-        return self._c.execute(select(devices.c.id).where(devices.c.id == device_id)).first() is not None
+        return self._c.execute(_DEVICE_EXISTS, {"id": device_id}).first() is not None
 
     def insert(self, device: Device) -> None:
         if self._exists(device.id):
             raise AlreadyExistsError(f"device {device.id!r} exists already", hint="choose another id")
         self._c.execute(
-            insert(devices).values(
-                id=device.id,
-                display_name=device.display_name,
-                state=str(device.state),
-                onboarding_fingerprint=device.onboarding_fingerprint,
-                created_at=device.created_at,
-                updated_at=device.updated_at,
-            )
+            _INSERT_DEVICE,
+            {
+                "id": device.id,
+                "display_name": device.display_name,
+                "state": str(device.state),
+                "onboarding_fingerprint": device.onboarding_fingerprint,
+                "created_at": device.created_at,
+                "updated_at": device.updated_at,
+            },
         )
         if device.groups:
             self._c.execute(
@@ -234,6 +255,14 @@ class DeviceRepository:
         self._c.execute(
             update(devices).where(devices.c.id == device_id).values(onboarding_fingerprint=fingerprint, updated_at=now)
         )
+
+    def identity(self, device_id: str, *, lock: bool = False) -> tuple[DeviceState, str | None] | None:
+        row = self._c.execute(_DEVICE_IDENTITY_LOCKED if lock else _DEVICE_IDENTITY, {"id": device_id}).first()
+        return (DeviceState(row.state), row.onboarding_fingerprint) if row is not None else None
+
+    def holder_of(self, fingerprint: str) -> str | None:
+        row = self._c.execute(_DEVICE_BY_ONBOARDING, {"fp": fingerprint}).first()
+        return str(row.id) if row is not None else None
 
     def by_onboarding(self, fingerprint: str) -> Device | None:
         row = self._c.execute(select(devices).where(devices.c.onboarding_fingerprint == fingerprint)).first()
@@ -351,7 +380,7 @@ class CertificateRepository:
         return result
 
     def get(self, serial: int) -> CertificateRecord | None:
-        row = self._c.execute(select(certificates).where(certificates.c.serial == format_serial(serial))).first()
+        row = self._c.execute(_CERTIFICATE_BY_SERIAL, {"serial": format_serial(serial)}).first()
         return _certificate(row) if row is not None else None
 
     def find(self, *, device_id: str | None = None, status: CertificateStatus | None = None) -> list[CertificateRecord]:
@@ -706,23 +735,12 @@ class EnrollmentRepository:
             self._counters.next(_CERTIFICATES_VERSION)
 
     def get(self, enrollment_id: str, *, lock: bool = False) -> IndividualEnrollment | None:
-        query = select(enrollments).where(enrollments.c.id == enrollment_id)
-        if lock:
-            query = query.with_for_update()  # PostgreSQL; SQLite's writers are serialised by BEGIN IMMEDIATE
-        row = self._c.execute(query).first()
+        # Locked on PostgreSQL; SQLite's writers are serialised by BEGIN IMMEDIATE.
+        row = self._c.execute(_ENROLLMENT_LOCKED if lock else _ENROLLMENT, {"id": enrollment_id}).first()
         return _enrollment(row) if row is not None else None
 
     def by_certificate(self, fingerprint: str) -> IndividualEnrollment | None:
-        row = self._c.execute(
-            select(enrollments)
-            .where(
-                enrollments.c.certificate_fingerprint == fingerprint,
-                enrollments.c.kind == str(EnrollmentKind.CERTIFICATE),
-                enrollments.c.status == str(EnrollmentStatus.ACTIVE),
-            )
-            .order_by(enrollments.c.id)
-            .limit(1)
-        ).first()
+        row = self._c.execute(_ENROLLMENT_BY_CERTIFICATE, {"fp": fingerprint}).first()
         return _enrollment(row) if row is not None else None
 
     def active_for_device(self, device_id: str) -> list[IndividualEnrollment]:
@@ -814,7 +832,7 @@ class ReonboardingRepository:
             self._c.execute(insert(reonboarding).values(device_id=entry.device_id, **values))
 
     def get(self, device_id: str) -> Reonboarding | None:
-        row = self._c.execute(select(reonboarding).where(reonboarding.c.device_id == device_id)).first()
+        row = self._c.execute(_REONBOARDING, {"id": device_id}).first()
         if row is None:
             return None
         return Reonboarding(
