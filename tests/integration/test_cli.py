@@ -112,7 +112,13 @@ def test_bad_csr_writes_nothing(initialised_cli: Cli, tmp_path: Path, data: byte
     assert result.err.count("\n") == 1, result.err
     assert message in result.err
     assert not out.exists()
-    assert snapshot(cli) == before
+    after = snapshot(cli)
+    assert (after[0], after[2]) == (before[0], before[2])
+    # The refusal itself is audited, as denied, with its reason; nothing else was recorded.
+    new_records = json.loads(after[1])[len(json.loads(before[1])) :]
+    assert [(r["action"], r["outcome"]) for r in new_records] in ([], [("certificate.issue", "denied")])
+    if new_records:
+        assert message in new_records[0]["details"]["reason"]
 
 
 REFUSALS = [
