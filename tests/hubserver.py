@@ -274,6 +274,8 @@ def start_hub(
     env.update(
         {
             "WARDEN_JOBS_INTERVAL_SECONDS": "1",
+            # The tests check that each refusal is audited; the sampling itself is tested on its own.
+            "WARDEN_ANONYMOUS_AUDITS_PER_MINUTE": "100000",
             "WARDEN_LOG_LEVEL": "info",
             "PYTHONUNBUFFERED": "1",
         }

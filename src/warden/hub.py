@@ -246,6 +246,7 @@ class Hub:
                 fleet_domain=self.settings.fleet_domain,
                 chain=(self.ca.files.read(ISSUING_KEY), self.ca.files.read(ROOT_KEY)),
                 token_validity=dt.timedelta(days=self.settings.enrollment_token_days),
+                anonymous_audits_per_minute=self.settings.anonymous_audits_per_minute,
             )
         return self._provisioning
 

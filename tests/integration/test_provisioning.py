@@ -920,3 +920,46 @@ def test_malformed_csv_files_are_refused(env: Env, data: bytes, message: str) ->
     with pytest.raises(InvalidInputError, match=message):
         env.hub.provisioning.import_csv(data, actor="admin")
     assert device_ids(env.hub) == []
+
+
+def test_refusals_of_unauthenticated_clients_are_sampled_per_address(env: Env) -> None:
+    """Anyone can send an unknown token: past the per-address budget such refusals are counted, not written."""
+    from warden.core import AuthenticationError
+
+    budget = 10  # the default of anonymous_audits_per_minute
+    csr, _ = csr_der("dev-9")
+    for n in range(budget + 3):
+        with pytest.raises(AuthenticationError):
+            env.hub.provisioning.enroll_with_token(f"enr_{n:016x}.{'A' * 43}", csr, source="203.0.113.7")
+    assert len(records(env.hub, "enrollment.enroll", outcome="denied")) == budget
+    assert env.hub.provisioning.suppressed_refusals == 3
+    # Another address has its own budget.
+    with pytest.raises(AuthenticationError):
+        env.hub.provisioning.enroll_with_token(f"enr_{99:016x}.{'A' * 43}", csr, source="203.0.113.8")
+    assert len(records(env.hub, "enrollment.enroll", outcome="denied")) == budget + 1
+
+
+def test_only_the_newest_certificate_renews(env: Env) -> None:
+    """Once a device has rotated, its older (perhaps stolen) certificate cannot mint another one."""
+    add_group(env)
+    first = onboard(env.hub, env.maker.idevid("dev-1"), "dev-1").issued.certificate
+    env.clock.advance(dt.timedelta(seconds=1))
+    second = env.hub.provisioning.reenroll(der(first), csr_der("dev-1")[0], source=SOURCE).issued.certificate
+    env.clock.advance(dt.timedelta(seconds=1))
+    with pytest.raises(IssuanceRefusedError, match="superseded"):
+        env.hub.provisioning.reenroll(der(first), csr_der("dev-1")[0], source=SOURCE)
+    third = env.hub.provisioning.reenroll(der(second), csr_der("dev-1")[0], source=SOURCE)
+    assert third.issued.record.device_id == "dev-1"
+    assert len(records(env.hub, "enrollment.reenroll", outcome="denied")) == 1
+
+
+def test_a_group_cannot_onboard_a_device_enrolled_individually(env: Env) -> None:
+    """A device pinned to one certificate (or given a token) onboards only through that enrollment, even when a
+    group trusts another certificate naming it."""
+    add_group(env)
+    pinned = self_signed(env.tmp, "factory-unit-1")
+    env.hub.provisioning.add_certificate_enrollment("dev-1", certificate_pem=pinned.pem, actor="admin")
+    with pytest.raises(IssuanceRefusedError, match="individual enrollment"):
+        onboard(env.hub, env.maker.idevid("dev-1"), "dev-1")
+    assert env.hub.devices.get_device("dev-1").onboarding_fingerprint is None
+    assert onboard(env.hub, pinned, "dev-1").device_id == "dev-1"

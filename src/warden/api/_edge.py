@@ -28,10 +28,6 @@ access_log = logging.getLogger("warden.access")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{8,64}$")
 
 
-class _TooLargeError(Exception):
-    pass
-
-
 class Edge:
     def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body: int) -> None:
         self.app = app
@@ -65,20 +61,27 @@ class Edge:
             return
 
         received = 0
+        response_started = False
+        refused = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, refused, status
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > max_body:
-                    raise _TooLargeError
+                    # A body without a Content-Length (chunked) crossed the limit: answer 413 here, and tell the
+                    # app the client went away (a framework would otherwise turn the error into a parse error).
+                    if not response_started and not refused:
+                        refused, status = True, 413
+                        await _plain(send, 413, b"request body too large\n", header_rid, path=scope["path"])
+                    return {"type": "http.disconnect"}
             return message
-
-        response_started = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
+            if refused:
+                return  # the edge has answered already
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
@@ -87,10 +90,10 @@ class Edge:
 
         try:
             await self.app(scope, limited_receive, send_with_id)
-        except _TooLargeError:
-            if not response_started:
-                status = 413
-                await _plain(send, 413, b"request body too large\n", header_rid, path=scope["path"])
+        except Exception:
+            if not refused:
+                raise
+            # The app failed on the disconnect the edge handed it after answering 413: expected, nothing to report.
         finally:
             self._finish(scope, status, started)
             request_id.reset(token)

@@ -88,6 +88,8 @@ async def _read_csr(request: Request, actor: str) -> bytes:
         reason = e.message
         await anyio.to_thread.run_sync(
             lambda: hub.provisioning.audit_refusal(
+                # A token is not checked before the body is read: its holder is not authenticated yet.
+                authenticated=not actor.startswith("token:"),
                 actor=actor,
                 action="enrollment.reenroll" if operation == "simplereenroll" else "enrollment.enroll",
                 target=f"est:{operation}",

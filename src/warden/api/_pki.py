@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import threading
 import time
 import urllib.parse
 
@@ -36,24 +37,33 @@ class CrlCache:
         self._checked = 0.0
         self._number: int | None = None
         self._number_checked = -1.0
+        self._lock = threading.Lock()
 
-    def number(self) -> int | None:
-        """The current CRL's number, re-read at most once a second (from the event loop: a cached value, or one
-        indexed query)."""
-        now = time.monotonic()
-        if now - self._number_checked >= 1.0:
-            self._number_checked = now
-            self._number = self._hub.certificates.crl_number()
+    def number_is_stale(self) -> bool:
+        return time.monotonic() - self._number_checked >= 1.0
+
+    def refresh_number(self) -> None:
+        """Re-read the current CRL's number (a database call: run it in a worker thread)."""
+        number = self._hub.certificates.crl_number()
+        with self._lock:
+            self._number, self._number_checked = number, time.monotonic()
+
+    @property
+    def cached_number(self) -> int | None:
+        """The current CRL's number as last read (see :meth:`refresh_number`)."""
         return self._number
 
     def get(self) -> PublishedCrl | None:
+        """The newest CRL (database calls: run it in a worker thread)."""
         now = time.monotonic()
-        if self._crl is None or now - self._checked >= 1.0:
+        with self._lock:
+            if self._crl is not None and now - self._checked < 1.0:
+                return self._crl
             self._checked = now
             number = self._hub.certificates.crl_number()
             if number is not None and (self._crl is None or self._crl.number != number):
                 self._crl = self._hub.certificates.current_crl()
-        return self._crl
+            return self._crl
 
 
 @router.get("/ca", **public())
@@ -86,25 +96,24 @@ class OcspCache:
     a second of any revocation, so a cached "good" outlives a revocation by about that much. Requests with a nonce
     are always signed afresh. At most ``max_entries`` answers are kept (oldest dropped first)."""
 
-    def __init__(self, *, max_entries: int = 50_000, max_age: float = 60.0) -> None:
-        self._entries: dict[bytes, tuple[bytes, float, int | None]] = {}
+    def __init__(self, *, max_entries: int = 20_000, max_age: float = 60.0) -> None:
+        self._entries: dict[tuple[str, bytes, int], tuple[bytes, float, int | None]] = {}
         self._max_entries = max_entries
         self._max_age = max_age
 
     @staticmethod
-    def key(der: bytes) -> bytes | None:
-        """The cache key of a request (its DER, which holds the CertID), or None when it has a nonce or does not
-        parse (then the responder decides)."""
+    def key(der: bytes) -> tuple[str, bytes, int] | None:
+        """The cache key of a request: its CertID (hash algorithm, issuer key hash, serial), a few dozen bytes
+        whatever the request's size. None when it has a nonce or does not parse (then the responder decides)."""
         try:
             request = ocsp.load_der_ocsp_request(der)
-            request.extensions.get_extension_for_class(x509.OCSPNonce)
-        except x509.ExtensionNotFound:
-            return der
-        except ValueError:
+            if any(isinstance(e.value, x509.OCSPNonce) for e in request.extensions):
+                return None
+            return (request.hash_algorithm.name, request.issuer_key_hash[:64], request.serial_number)
+        except (ValueError, TypeError):
             return None
-        return None
 
-    def get(self, key: bytes, crl_number: int | None) -> bytes | None:
+    def get(self, key: tuple[str, bytes, int], crl_number: int | None) -> bytes | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -114,7 +123,7 @@ class OcspCache:
             return None
         return answer
 
-    def put(self, key: bytes, answer: bytes, crl_number: int | None) -> None:
+    def put(self, key: tuple[str, bytes, int], answer: bytes, crl_number: int | None) -> None:
         if len(self._entries) >= self._max_entries:
             self._entries.pop(next(iter(self._entries)))
         self._entries[key] = (answer, time.monotonic(), crl_number)
@@ -135,7 +144,9 @@ async def _respond(request: Request, der: bytes) -> Response:
     cache: OcspCache = request.app.state.ocsp_cache
     crl: CrlCache = request.app.state.crl_cache
     key = OcspCache.key(der)
-    number = crl.number()
+    if crl.number_is_stale():
+        await anyio.to_thread.run_sync(crl.refresh_number)  # at most once a second, never on the event loop
+    number = crl.cached_number
     answer = cache.get(key, number) if key is not None else None
     if answer is None:
         answer = await anyio.to_thread.run_sync(_answer, hub, der)

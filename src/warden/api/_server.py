@@ -211,7 +211,7 @@ async def _jobs_loop(hub: Hub, tls: TlsContexts, metrics: Metrics, wake: asyncio
         except Exception:
             metrics.jobs.labels("failed").inc()
             log.exception("singleton jobs failed")
-        crl = hub.certificates.current_crl()
+        crl = await loop.run_in_executor(None, hub.certificates.current_crl)
         if crl is not None:
             metrics.crl_next_update.set(crl.next_update.timestamp())
 

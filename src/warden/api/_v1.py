@@ -4,6 +4,7 @@ hub's services, shape the answer. Every change is made under the token's identit
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -40,6 +41,8 @@ from warden.provisioning import EnrollmentStatus
 from warden.registry import CertificateStatus, DeviceState, parse_reason
 
 __all__ = ["router"]
+
+log = logging.getLogger("warden.api")
 
 _PROBLEM = {"model": Problem, "content": {"application/problem+json": {}}}
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -186,8 +189,12 @@ def get_certificate(request: Request, serial: str) -> CertificateOut:
 def revoke_certificate(request: Request, serial: str, body: RevokeIn) -> CertificateOut:
     hub = _hub(request)
     record = hub.certificates.revoke(_serial(serial), reason=parse_reason(body.reason), actor=_actor(request))
-    # Relying parties learn of it at once: a new CRL is published now, not at the leader's next round.
-    hub.crl_job(actor=_actor(request))
+    # Relying parties learn of it at once: a new CRL is published now, not at the leader's next round. The
+    # revocation has committed: a failure to publish is logged (the leader retries every second), never a 500.
+    try:
+        hub.crl_job(actor=_actor(request))
+    except Exception:
+        log.exception("CRL publication after a revocation failed; the leader will retry")
     return CertificateOut.of(record)
 
 

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     enroll_burst_per_client: int = Field(default=5, ge=1, le=1_000_000)
     #: at most this many addresses and identities are tracked per limiter (memory stays bounded)
     rate_limit_max_keys: int = Field(default=100_000, ge=100, le=10_000_000)
+    #: audit records a minute per source address for refusals of unauthenticated EST clients (the rest are counted)
+    anonymous_audits_per_minute: int = Field(default=10, ge=0, le=1_000_000)
     #: default lifetime of a one-time enrollment token
     enrollment_token_days: int = Field(default=7, ge=1, le=365)
     #: how often background jobs (CRL, certificate renewal, trust store) run

@@ -199,6 +199,14 @@ class _Gate:
             )
         if record.is_expired(now):
             return Refusal("the client certificate has expired", self._details(serial=record.serial_hex))
+        # Only the device's newest certificate renews: once a device has rotated, an older (perhaps stolen) one can
+        # never mint another certificate, though it stays valid until it expires or is revoked.
+        current = uow.certificates.find(device_id=self.device_id, status=CertificateStatus.GOOD)
+        if current and current[-1].serial != record.serial:
+            return Refusal(
+                "the client certificate has been superseded; renew with the device's newest certificate",
+                self._details(serial=record.serial_hex, newest=current[-1].serial_hex),
+            )
         return None
 
     def _check_enrollment(self, uow: ProvisioningUnitOfWork, now: dt.datetime) -> Refusal | None:
@@ -231,6 +239,13 @@ class _Gate:
         if group is None or not group.enabled:
             return Refusal(f"enrollment group {self.group!r} is disabled", self._details())
         assert self.fingerprint is not None
+        if uow.enrollments.active_for_device(self.device_id):
+            # A device enrolled individually onboards only through that enrollment (its pinned certificate or its
+            # token), never through a group that happens to trust a certificate naming it.
+            return Refusal(
+                f"device {self.device_id!r} has an individual enrollment; it onboards only through it",
+                self._details(),
+            )
         if uow.enrollments.by_certificate(self.fingerprint) is not None:
             # An individual enrollment for this certificate appeared since the caller looked: it decides the
             # device id, not the group. The client retries.
@@ -338,6 +353,7 @@ class ProvisioningService:
         token_validity: dt.timedelta = dt.timedelta(days=7),
         reonboard_window: dt.timedelta = dt.timedelta(days=7),
         cache_seconds: float = 2.0,
+        anonymous_audits_per_minute: int = 10,
     ) -> None:
         self._tx = transactions
         self._certificates = certificates
@@ -353,6 +369,11 @@ class ProvisioningService:
         self._reonboard_window = reonboard_window
         self._cache_seconds = cache_seconds
         self._index_lock = threading.Lock()
+        self._anonymous_budget = anonymous_audits_per_minute
+        self._anonymous_minute = 0
+        self._anonymous_audits: dict[str, int] = {}
+        #: refusals of unauthenticated clients not written to the audit log (over the per-address budget)
+        self.suppressed_refusals = 0
         self._index: tuple[str, tuple[GroupIndex, Mapping[str, IndividualEnrollment]], dt.datetime] | None = None
 
     # -- enrollment groups --------------------------------------------------------------------------------------
@@ -728,9 +749,30 @@ class ProvisioningService:
         group another process added is used at once, not after the cache's lifetime)."""
         self._forget_index()
 
-    def audit_refusal(self, *, actor: str, action: str, target: str, reason: str, source: str) -> None:
-        """Record an EST request refused before it reached the use cases (an unreadable body, a wrong media type)."""
-        self._refuse(actor, action, target, reason[:300], source=source)
+    def audit_refusal(
+        self, *, actor: str, action: str, target: str, reason: str, source: str, authenticated: bool = True
+    ) -> None:
+        """Record an EST request refused before it reached the use cases (an unreadable body, a wrong media type).
+        Refusals of clients nothing has authenticated yet are sampled per source address (see
+        :meth:`_may_audit_anonymous`)."""
+        if authenticated or self._may_audit_anonymous(source):
+            self._refuse(actor, action, target, reason[:300], source=source)
+
+    def _may_audit_anonymous(self, source: str) -> bool:
+        """At most ``anonymous_audits_per_minute`` audit records a minute per source address for refusals of
+        unauthenticated clients (unknown tokens, unreadable bodies sent with one): anyone can send those, and each
+        would otherwise cost a durable write to the audit chain. The rest are counted in
+        ``suppressed_refusals``. At most 10,000 addresses are tracked."""
+        minute = int(self._clock.now().timestamp() // 60)
+        with self._index_lock:
+            if self._anonymous_minute != minute or len(self._anonymous_audits) > 10_000:
+                self._anonymous_minute, self._anonymous_audits = minute, {}
+            count = self._anonymous_audits.get(source, 0)
+            if count >= self._anonymous_budget:
+                self.suppressed_refusals += 1
+                return False
+            self._anonymous_audits[source] = count + 1
+            return True
 
     def trust_material(self) -> TrustMaterial:
         """The CA certificates and pinned onboarding certificates the EST listener must trust, with a version."""
@@ -850,11 +892,12 @@ class ProvisioningService:
             or enrollment.token_mac is None
             or not verify_mac(self._token_key, token, enrollment.token_mac)
         ):
-            # Not audited per attempt with the device's name: the token proves nothing. The refusal is audited once
-            # with the token id only (the secret is never written anywhere).
-            self._refuse(
-                f"token:{token.id}", action, "est:simpleenroll", "unknown or wrong enrollment token", source=source
-            )
+            # Not audited with the device's name: the token proves nothing. The refusal is audited with the token
+            # id only (the secret is never written anywhere), sampled per source address: anyone can send these.
+            if self._may_audit_anonymous(source):
+                self._refuse(
+                    f"token:{token.id}", action, "est:simpleenroll", "unknown or wrong enrollment token", source=source
+                )
             raise AuthenticationError("the enrollment token is not valid")
         device_id = enrollment.device_id
         actor = f"device:{device_id}"
