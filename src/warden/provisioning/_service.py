@@ -148,6 +148,7 @@ class _Gate:
         method: str,
         fingerprint: str | None = None,
         group: str | None = None,
+        group_snapshot: tuple[str, EnrollmentGroup] | None = None,
         enrollment_id: str | None = None,
         token: Token | None = None,
         token_key: bytes | None = None,
@@ -159,6 +160,8 @@ class _Gate:
         self.method = method
         self.fingerprint = fingerprint
         self.group = group
+        #: the group as the caller found it, with the groups' version it was read at
+        self.group_snapshot = group_snapshot
         self.enrollment_id = enrollment_id
         self.token = token
         self.token_key = token_key
@@ -235,7 +238,13 @@ class _Gate:
 
     def _check_group(self, uow: ProvisioningUnitOfWork) -> Refusal | None:
         assert self.group is not None
-        group = uow.enrollment_groups.get(self.group)
+        # The caller's copy is used while no group has changed since it was read (one counter read instead of
+        # loading the group, whose allow and deny lists may hold 100,000 ids).
+        group: EnrollmentGroup | None
+        if self.group_snapshot is not None and self.group_snapshot[0] == uow.enrollment_groups.version():
+            group = self.group_snapshot[1]
+        else:
+            group = uow.enrollment_groups.get(self.group)
         if group is None or not group.enabled:
             return Refusal(f"enrollment group {self.group!r} is disabled", self._details())
         assert self.fingerprint is not None
@@ -374,7 +383,7 @@ class ProvisioningService:
         self._anonymous_audits: dict[str, int] = {}
         #: refusals of unauthenticated clients not written to the audit log (over the per-address budget)
         self.suppressed_refusals = 0
-        self._index: tuple[str, tuple[GroupIndex, Mapping[str, IndividualEnrollment]], dt.datetime] | None = None
+        self._index: tuple[str, tuple[GroupIndex, Mapping[str, IndividualEnrollment], str], dt.datetime] | None = None
 
     # -- enrollment groups --------------------------------------------------------------------------------------
 
@@ -709,13 +718,7 @@ class ProvisioningService:
 
     # -- the EST use cases --------------------------------------------------------------------------------------
 
-    def _group_index(self) -> GroupIndex:
-        return self._trust_view()[0]
-
-    def _pinned(self) -> Mapping[str, IndividualEnrollment]:
-        return self._trust_view()[1]
-
-    def _trust_view(self) -> tuple[GroupIndex, Mapping[str, IndividualEnrollment]]:
+    def _trust_view(self) -> tuple[GroupIndex, Mapping[str, IndividualEnrollment], str]:
         """The enabled groups and the active certificate enrollments (by fingerprint), read at most every
         ``cache_seconds`` and only when their versions moved. Only used to find which device a certificate claims
         to be: the issuing transaction re-checks the group or enrollment it picked, with the row locked."""
@@ -725,7 +728,8 @@ class ProvisioningService:
         if cached is not None and now < cached[2]:
             return cached[1]
         with self._tx(readonly=True) as uow:
-            version = f"{uow.enrollment_groups.version()}/{uow.enrollments.certificates_version()}"
+            groups_version = uow.enrollment_groups.version()
+            version = f"{groups_version}/{uow.enrollments.certificates_version()}"
             if cached is not None and cached[0] == version:
                 view = cached[1]
             else:
@@ -735,7 +739,7 @@ class ProvisioningService:
                     for e in uow.enrollments.find(status=EnrollmentStatus.ACTIVE)
                     if e.kind is EnrollmentKind.CERTIFICATE and e.certificate_fingerprint is not None
                 }
-                view = (index, pinned)
+                view = (index, pinned, groups_version)
         with self._index_lock:
             self._index = (version, view, now + dt.timedelta(seconds=self._cache_seconds))
         return view
@@ -830,13 +834,14 @@ class ProvisioningService:
             raise self._refuse(
                 anonymous, action, "est:simpleenroll", "the onboarding certificate is not valid now", source=source
             )
-        enrollment = self._pinned().get(onboarding.fingerprint)
+        _, pinned, groups_version = self._trust_view()
+        enrollment = pinned.get(onboarding.fingerprint)
         group: EnrollmentGroup | None = None
         if enrollment is not None:
             device_id = enrollment.device_id
             profile, validity_days = enrollment.profile, enrollment.validity_days
         else:
-            groups = self._group_index().match(onboarding.certificate)
+            groups = self._trust_view()[0].match(onboarding.certificate)
             if not groups:
                 raise self._refuse(
                     anonymous,
@@ -868,6 +873,7 @@ class ProvisioningService:
             method="certificate",
             fingerprint=onboarding.fingerprint,
             group=group.name if group is not None else None,
+            group_snapshot=(groups_version, group) if group is not None else None,
             enrollment_id=enrollment.id if enrollment is not None else None,
         )
         new_device = Device(

@@ -74,6 +74,7 @@ _KEY_USES = select(
 ).where(certificates.c.key_fingerprint.in_(bindparam("keys", expanding=True)))
 _INSERT_AUDIT = insert(audit_log)
 # The enrollment path's lookups, prebuilt for the same reason.
+_COUNTER = select(counters.c.value).where(counters.c.name == bindparam("name"))
 _DEVICE_EXISTS = select(devices.c.id).where(devices.c.id == bindparam("id"))
 _INSERT_DEVICE = insert(devices)
 _DEVICE_IDENTITY = select(devices.c.state, devices.c.onboarding_fingerprint).where(devices.c.id == bindparam("id"))
@@ -598,7 +599,7 @@ class CounterRepository:
 
     def read(self, name: str) -> int:
         """The current value of counter ``name``, without allocating (and without a lock)."""
-        current = self._c.execute(select(counters.c.value).where(counters.c.name == name)).scalar()
+        current = self._c.execute(_COUNTER, {"name": name}).scalar()
         if current is None:
             raise StorageError(f"the counter {name!r} is missing", hint="the database was not migrated by Warden")
         return int(current)
