@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -218,6 +219,14 @@ enrollments = Table(
     Column("expires_at", UTCDateTime(), nullable=True),
     Column("used_at", UTCDateTime(), nullable=True),
     Column("revoked_at", UTCDateTime(), nullable=True),
+    # At most one active enrollment per onboarding certificate, also under concurrent writers.
+    Index(
+        "uq_enrollments_active_certificate",
+        "certificate_fingerprint",
+        unique=True,
+        sqlite_where=text("status = 'active'"),
+        postgresql_where=text("status = 'active'"),
+    ),
 )
 
 # At most one armed re-onboarding per device.

@@ -57,6 +57,14 @@ def upgrade() -> None:
     op.create_index("ix_enrollments_device_id", "enrollments", ["device_id"])
     op.create_index("ix_enrollments_status", "enrollments", ["status"])
     op.create_index("ix_enrollments_certificate_fingerprint", "enrollments", ["certificate_fingerprint"])
+    op.create_index(
+        "uq_enrollments_active_certificate",
+        "enrollments",
+        ["certificate_fingerprint"],
+        unique=True,
+        sqlite_where=sa.text("status = 'active'"),
+        postgresql_where=sa.text("status = 'active'"),
+    )
     op.create_table(
         "reonboarding",
         sa.Column("device_id", sa.String(63), nullable=False),
