@@ -93,6 +93,11 @@ _ENROLLMENT_BY_CERTIFICATE = (
     .order_by(enrollments.c.id)
     .limit(1)
 )
+_ACTIVE_ENROLLMENTS_OF_DEVICE = (
+    select(enrollments)
+    .where(enrollments.c.device_id == bindparam("id"), enrollments.c.status == str(EnrollmentStatus.ACTIVE))
+    .order_by(enrollments.c.id)
+)
 _REONBOARDING = select(reonboarding).where(reonboarding.c.device_id == bindparam("id"))
 _HEAD = select(audit_head.c.seq, audit_head.c.hash, audit_head.c.last_checkpoint_seq).where(audit_head.c.id == 1)
 _HEAD_FOR_UPDATE = _HEAD.with_for_update()
@@ -745,7 +750,7 @@ class EnrollmentRepository:
         return _enrollment(row) if row is not None else None
 
     def active_for_device(self, device_id: str) -> list[IndividualEnrollment]:
-        return self.find(device_id=device_id, status=EnrollmentStatus.ACTIVE)
+        return [_enrollment(r) for r in self._c.execute(_ACTIVE_ENROLLMENTS_OF_DEVICE, {"id": device_id})]
 
     def find(
         self,
