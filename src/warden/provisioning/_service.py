@@ -505,6 +505,50 @@ class ProvisioningService:
             ),
         )
 
+    def _one_certificate(self, pem: bytes, what: str = "the onboarding certificate") -> x509.Certificate:
+        """Exactly one PEM certificate, within the size limit."""
+        if len(pem) > self._limits.max_pem_file_bytes:
+            raise InvalidInputError(f"{what} is larger than {self._limits.max_pem_file_bytes} bytes")
+        try:
+            certificates = x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            raise InvalidInputError(f"{what} is not a PEM certificate") from None
+        if len(certificates) != 1:
+            raise InvalidInputError(f"{what} must be exactly one certificate")
+        return certificates[0]
+
+    def _certificate_enrollment(
+        self, device_id: str, certificate: x509.Certificate, now: dt.datetime, profile: str, validity_days: int | None
+    ) -> IndividualEnrollment:
+        return IndividualEnrollment(
+            id=f"enc_{self._random.token_bytes(8).hex()}",
+            device_id=device_id,
+            kind=EnrollmentKind.CERTIFICATE,
+            status=EnrollmentStatus.ACTIVE,
+            profile=str(_check_profile(profile)),
+            validity_days=_check_validity(validity_days),
+            created_at=now,
+            certificate_fingerprint=certificate_fingerprint(certificate),
+            certificate_pem=certificate.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        )
+
+    def _token_enrollment(
+        self, device_id: str, now: dt.datetime, lifetime: dt.timedelta, profile: str, validity_days: int | None
+    ) -> tuple[IndividualEnrollment, Token]:
+        token = new_token(_TOKEN_PREFIX, self._random)
+        enrollment = IndividualEnrollment(
+            id=token.id,
+            device_id=device_id,
+            kind=EnrollmentKind.TOKEN,
+            status=EnrollmentStatus.ACTIVE,
+            profile=str(_check_profile(profile)),
+            validity_days=_check_validity(validity_days),
+            created_at=now,
+            token_mac=token_mac(self._token_key, token),
+            expires_at=now + lifetime,
+        )
+        return enrollment, token
+
     def _refuse_second_active(self, uow: ProvisioningUnitOfWork, device_id: str) -> None:
         if uow.enrollments.active_for_device(device_id):
             raise AlreadyExistsError(
@@ -524,28 +568,12 @@ class ProvisioningService:
         """Bind ``device_id`` to one onboarding certificate (its fingerprint). The certificate is trusted for this
         device alone, self-signed or from any CA."""
         validate_device_id(device_id)
-        if len(certificate_pem) > self._limits.max_pem_file_bytes:
-            raise InvalidInputError("the certificate file is too large")
-        try:
-            certificates = x509.load_pem_x509_certificates(certificate_pem)
-        except ValueError:
-            raise InvalidInputError("the onboarding certificate is not a PEM certificate") from None
-        if len(certificates) != 1:
-            raise InvalidInputError("pass exactly one onboarding certificate")
-        certificate = certificates[0]
-        fingerprint = certificate_fingerprint(certificate)
         now = self._clock.now()
-        enrollment = IndividualEnrollment(
-            id=f"enc_{self._random.token_bytes(8).hex()}",
-            device_id=device_id,
-            kind=EnrollmentKind.CERTIFICATE,
-            status=EnrollmentStatus.ACTIVE,
-            profile=str(_check_profile(profile)),
-            validity_days=_check_validity(validity_days),
-            created_at=now,
-            certificate_fingerprint=fingerprint,
-            certificate_pem=certificate.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        enrollment = self._certificate_enrollment(
+            device_id, self._one_certificate(certificate_pem), now, profile, validity_days
         )
+        fingerprint = enrollment.certificate_fingerprint
+        assert fingerprint is not None
         with self._tx() as uow:
             self._refuse_second_active(uow, device_id)
             if uow.enrollments.by_certificate(fingerprint) is not None:
@@ -581,19 +609,8 @@ class ProvisioningService:
         lifetime = expires_in or self._token_validity
         if not dt.timedelta(minutes=1) <= lifetime <= dt.timedelta(days=365):
             raise InvalidInputError("an enrollment token expires after 1 minute to 365 days")
-        token = new_token(_TOKEN_PREFIX, self._random)
         now = self._clock.now()
-        enrollment = IndividualEnrollment(
-            id=token.id,
-            device_id=device_id,
-            kind=EnrollmentKind.TOKEN,
-            status=EnrollmentStatus.ACTIVE,
-            profile=str(_check_profile(profile)),
-            validity_days=_check_validity(validity_days),
-            created_at=now,
-            token_mac=token_mac(self._token_key, token),
-            expires_at=now + lifetime,
-        )
+        enrollment, token = self._token_enrollment(device_id, now, lifetime, profile, validity_days)
         with self._tx() as uow:
             self._refuse_second_active(uow, device_id)
             self._new_enrollment_device(uow, device_id, actor, now)
@@ -682,15 +699,10 @@ class ProvisioningService:
 
     def rebind(self, device_id: str, *, certificate_pem: bytes, actor: str, reason: str) -> Device:
         """Bind an enrolled device to a new onboarding certificate (after a repair that replaced its IDevID)."""
-        try:
-            certificates = x509.load_pem_x509_certificates(certificate_pem[: self._limits.max_pem_file_bytes + 1])
-        except ValueError:
-            raise InvalidInputError("the onboarding certificate is not a PEM certificate") from None
-        if len(certificates) != 1:
-            raise InvalidInputError("pass exactly one onboarding certificate")
+        certificate = self._one_certificate(certificate_pem)
         if not reason or len(reason) > self._limits.max_reason_chars or not reason.isprintable():
             raise InvalidInputError("re-binding needs a reason (at most 512 printable characters)")
-        fingerprint = certificate_fingerprint(certificates[0])
+        fingerprint = certificate_fingerprint(certificate)
         with self._tx() as uow:
             device = uow.devices.get(device_id)
             if device is None:
@@ -1112,20 +1124,10 @@ class ProvisioningService:
                     )
                 )
             for device_id in token_rows:
-                token = new_token(_TOKEN_PREFIX, self._random)
-                uow.enrollments.insert(
-                    IndividualEnrollment(
-                        id=token.id,
-                        device_id=device_id,
-                        kind=EnrollmentKind.TOKEN,
-                        status=EnrollmentStatus.ACTIVE,
-                        profile=str(Profile.DEVICE),
-                        validity_days=None,
-                        created_at=now,
-                        token_mac=token_mac(self._token_key, token),
-                        expires_at=now + self._token_validity,
-                    )
+                enrollment, token = self._token_enrollment(
+                    device_id, now, self._token_validity, str(Profile.DEVICE), None
                 )
+                uow.enrollments.insert(enrollment)
                 events.append(
                     AuditEvent(
                         actor,
@@ -1180,25 +1182,7 @@ class ProvisioningService:
             return device, None, True
         if kind != "certificate":
             raise InvalidInputError(f"unknown enrollment kind {kind[:20]!r}", hint="use certificate, token or nothing")
-        pem = cell("certificate_pem").encode("ascii", errors="replace")
-        if len(pem) > self._limits.max_pem_file_bytes:
-            raise InvalidInputError("the certificate is too large")
-        try:
-            certificates = x509.load_pem_x509_certificates(pem)
-        except ValueError:
-            raise InvalidInputError("certificate_pem is not a PEM certificate") from None
-        if len(certificates) != 1:
-            raise InvalidInputError("certificate_pem holds exactly one certificate")
-        certificate = certificates[0]
-        enrollment = IndividualEnrollment(
-            id=f"enc_{self._random.token_bytes(8).hex()}",
-            device_id=device_id,
-            kind=EnrollmentKind.CERTIFICATE,
-            status=EnrollmentStatus.ACTIVE,
-            profile=str(Profile.DEVICE),
-            validity_days=None,
-            created_at=now,
-            certificate_fingerprint=certificate_fingerprint(certificate),
-            certificate_pem=certificate.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        certificate = self._one_certificate(
+            cell("certificate_pem").encode("ascii", errors="replace"), "certificate_pem"
         )
-        return device, enrollment, False
+        return device, self._certificate_enrollment(device_id, certificate, now, str(Profile.DEVICE), None), False
