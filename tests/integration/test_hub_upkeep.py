@@ -189,3 +189,31 @@ def test_operator_provided_service_certificate_is_served_and_never_replaced(tmp_
         assert not (server.data_dir / SERVICE_CERT_FILE).exists()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_get_a_passphrase_given_only_in_the_environment(
+    tmp_path: Path, workers: int, request: pytest.FixtureRequest
+) -> None:
+    """The CLI removes WARDEN_CA_PASSPHRASE from its environment once read; the workers must still sign (they
+    receive the settings object, not the environment)."""
+    import base64
+
+    from tests.hubserver import csr_der
+
+    database_url = request.getfixturevalue("postgres_url") if workers > 1 else ""
+    server = start_hub(
+        tmp_path, database_url=database_url, workers=workers, extra_env={"WARDEN_CA_PASSPHRASE": "correct horse 42"}
+    )
+    try:
+        assert not (server.data_dir / "keys" / "ca-passphrase").exists()
+        token = json.loads(server.warden("enrollment", "add", "dev-1", "--token", "--json").stdout)["token"]
+        with server.client() as client:
+            response = client.post(
+                "/.well-known/est/simpleenroll",
+                content=base64.encodebytes(csr_der("dev-1")[0]),
+                headers={"content-type": "application/pkcs10", "authorization": f"Bearer {token}"},
+            )
+        assert response.status_code == 200, response.text
+    finally:
+        server.stop()

@@ -25,7 +25,6 @@ import ssl
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -34,7 +33,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from warden.api._app import create_app
 from warden.api._logging import configure_logging
 from warden.api._metrics import Metrics
-from warden.core import ConfigurationError, Settings, load_settings
+from warden.core import ConfigurationError, Settings
 from warden.hub import Hub
 from warden.store import LeaderLock
 
@@ -220,8 +219,9 @@ def _still_held(lock: LeaderLock) -> bool:
     return lock.held
 
 
-def _worker(data_dir: Path, sock: socket.socket, ready: Callable[[], None] | None = None) -> None:
-    settings = load_settings(data_dir)
+def _worker(settings: Settings, sock: socket.socket, ready: Callable[[], None] | None = None) -> None:
+    """One worker. It gets the settings object itself, not the data directory: the CLI removes secrets (the CA
+    passphrase, the PKCS#11 PIN) from the environment once read, so re-reading settings here would lose them."""
     root = logging.getLogger()
     for handler in list(root.handlers):  # the CLI's plain stderr handler: the server logs JSON lines only
         root.removeHandler(handler)
@@ -266,8 +266,10 @@ def _worker(data_dir: Path, sock: socket.socket, ready: Callable[[], None] | Non
         hub.close()
 
 
-def _worker_entry(data_dir: str, sock: socket.socket) -> None:
-    _worker(Path(data_dir), sock)
+def _worker_entry(settings: Settings, sock: socket.socket) -> None:
+    # The settings (secrets included) reach a spawned worker through the pipe multiprocessing pickles its
+    # arguments into, never through the environment or the command line.
+    _worker(settings, sock)
 
 
 def serve(settings: Settings, *, host: str, port: int, workers: int, announce: Callable[[str], None]) -> None:
@@ -289,10 +291,10 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, announce: C
     names = ", ".join(settings.service_names)
     announce(f"warden hub listening on https://{host}:{bound} (certificate for {names}; {workers} worker(s))")
     if workers == 1:
-        _worker(settings.data_dir, sock)
+        _worker(settings, sock)
         return
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker_entry, args=(str(settings.data_dir), sock)) for _ in range(workers)]
+    processes = [context.Process(target=_worker_entry, args=(settings, sock)) for _ in range(workers)]
     for process in processes:
         process.start()
 
