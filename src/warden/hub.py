@@ -455,6 +455,17 @@ class HubIdentities:
             actor,
         )
 
+    def _key_matches(self, key_path: Path, certificate: x509.Certificate) -> bool:
+        """Whether the key file holds the certificate's key: a crash between writing the two (the key goes first)
+        leaves a new key beside the old certificate, which no TLS listener could load; a new pair is made then."""
+        try:
+            key = serialization.load_pem_private_key(
+                read_limited(key_path, 64 * 1024, what=str(key_path)), password=self.key_password()
+            )
+        except (ValueError, TypeError):
+            return False
+        return key.public_key() == certificate.public_key()
+
     def _ensure(self, cert_path: Path, key_path: Path, names: tuple[str, ...], profile: Profile, actor: str) -> bool:
         now = self._hub.clock.now()
         if cert_path.exists() and key_path.exists():
@@ -465,7 +476,11 @@ class HubIdentities:
                 current_names = tuple(san.get_values_for_type(x509.DNSName))
             except x509.ExtensionNotFound:
                 current_names = ()
-            if now < current.not_valid_after_utc - lifetime / 3 and current_names == names:
+            if (
+                now < current.not_valid_after_utc - lifetime / 3
+                and current_names == names
+                and self._key_matches(key_path, current)
+            ):
                 return False
         key = ec.generate_private_key(ec.SECP256R1())
         csr = key_csr(key, names[0])

@@ -217,3 +217,22 @@ def test_workers_get_a_passphrase_given_only_in_the_environment(
         assert response.status_code == 200, response.text
     finally:
         server.stop()
+
+
+def test_a_key_without_its_certificate_gets_a_new_pair(tmp_path: Path) -> None:
+    """A crash between writing the service key and its certificate leaves a pair no listener can load."""
+    data_dir = tmp_path / "hub"
+    initialise(data_dir, org="Acme", fleet_domain="fleet.acme.test", actor="test")
+    with Hub.open(load_settings(data_dir)) as hub:
+        hub.run_jobs()
+        before = _leaf(data_dir / SERVICE_CERT_FILE)
+        stray = ec.generate_private_key(ec.SECP256R1())
+        (data_dir / "keys" / "service.key.pem").write_bytes(
+            stray.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        assert "service" in hub.run_jobs()
+        after = _leaf(data_dir / SERVICE_CERT_FILE)
+        assert after.serial_number != before.serial_number
+        assert hub.run_jobs() == []
