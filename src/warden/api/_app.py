@@ -28,7 +28,6 @@ def create_app(
     *,
     metrics: Metrics | None = None,
     on_trust_change: Callable[[], None] | None = None,
-    clock: Callable[[], float] | None = None,
 ) -> Edge:
     """The ASGI app for ``hub``: the FastAPI app (``.app``) wrapped in the request edge (request ids, access log,
     metrics, body limit)."""
@@ -41,7 +40,6 @@ def create_app(
     )
     metrics = metrics or Metrics()
     settings = hub.settings
-    extra = {"clock": clock} if clock is not None else {}
     app.state.hub = hub
     app.state.metrics = metrics
     app.state.on_trust_change = on_trust_change
@@ -53,7 +51,6 @@ def create_app(
                     rate=settings.enroll_rate_per_address,
                     burst=settings.enroll_burst_per_address,
                     max_keys=settings.rate_limit_max_keys,
-                    **extra,
                 ),
             ),
             (
@@ -62,7 +59,6 @@ def create_app(
                     rate=settings.enroll_rate_per_client,
                     burst=settings.enroll_burst_per_client,
                     max_keys=settings.rate_limit_max_keys,
-                    **extra,
                 ),
             ),
         ]

@@ -219,7 +219,7 @@ def _still_held(lock: LeaderLock) -> bool:
     return lock.held
 
 
-def _worker(settings: Settings, sock: socket.socket, ready: Callable[[], None] | None = None) -> None:
+def _worker(settings: Settings, sock: socket.socket) -> None:
     """One worker. It gets the settings object itself, not the data directory: the CLI removes secrets (the CA
     passphrase, the PKCS#11 PIN) from the environment once read, so re-reading settings here would lose them."""
     root = logging.getLogger()
@@ -251,8 +251,6 @@ def _worker(settings: Settings, sock: socket.socket, ready: Callable[[], None] |
         )
         server = uvicorn.Server(config)
         jobs = asyncio.create_task(_jobs_loop(hub, tls, metrics, wake))
-        if ready is not None:
-            loop.call_later(0.1, ready)
         try:
             await server.serve(sockets=[sock])
         finally:
