@@ -19,7 +19,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from warden.cli._output import audit_json, certificate_json, device_json, emit_json, group_json, table
+from warden.cli._output import (
+    audit_json,
+    certificate_json,
+    device_json,
+    emit_json,
+    enrollment_group_json,
+    enrollment_json,
+    group_json,
+    table,
+    token_json,
+)
 from warden.core import (
     DEFAULT_LIMITS,
     InvalidInputError,
@@ -32,8 +42,8 @@ from warden.core import (
 from warden.core.files import read_limited, write_file_atomic, write_private_file
 from warden.hub import Hub, initialise
 from warden.pki import Profile
-from warden.policy import ApiToken, parse_role
-from warden.provisioning import EnrollmentGroup, EnrollmentStatus, IndividualEnrollment
+from warden.policy import parse_role
+from warden.provisioning import EnrollmentStatus
 from warden.registry import CertificateStatus, DeviceState, parse_reason
 
 __all__ = ["app", "main", "run"]
@@ -645,41 +655,6 @@ def serve(
 # -- enrollment -------------------------------------------------------------------------------------------------
 
 
-def _enrollment_group_json(group: EnrollmentGroup) -> dict[str, object]:
-    return {
-        "name": group.name,
-        "enabled": group.enabled,
-        "id_field": str(group.id_field),
-        "profile": group.profile,
-        "validity_days": group.validity_days,
-        "tags": dict(group.tags),
-        "ca_fingerprints": list(group.ca_fingerprints),
-        "allow": sorted(group.allow),
-        "deny": sorted(group.deny),
-        "created_at": group.created_at.isoformat(),
-        "updated_at": group.updated_at.isoformat(),
-    }
-
-
-def _enrollment_json(enrollment: IndividualEnrollment) -> dict[str, object]:
-    def time(value: dt.datetime | None) -> str | None:
-        return value.isoformat() if value is not None else None
-
-    return {
-        "id": enrollment.id,
-        "device_id": enrollment.device_id,
-        "kind": str(enrollment.kind),
-        "status": str(enrollment.status),
-        "profile": enrollment.profile,
-        "validity_days": enrollment.validity_days,
-        "certificate_fingerprint": enrollment.certificate_fingerprint,
-        "created_at": time(enrollment.created_at),
-        "expires_at": time(enrollment.expires_at),
-        "used_at": time(enrollment.used_at),
-        "revoked_at": time(enrollment.revoked_at),
-    }
-
-
 def _read_ids(path: Path | None) -> list[str]:
     if path is None:
         return []
@@ -726,7 +701,7 @@ def enrollment_group_add(
         deny=_read_ids(deny),
     )
     if as_json:
-        emit_json(_enrollment_group_json(group))
+        emit_json(enrollment_group_json(group))
     else:
         typer.echo(f"enrollment group {group.name} added (ids from {group.id_field}, profile {group.profile})")
 
@@ -736,7 +711,7 @@ def enrollment_group_list(as_json: JsonOpt = False) -> None:
     """List enrollment groups."""
     groups = _hub().provisioning.list_groups()
     if as_json:
-        emit_json([_enrollment_group_json(g) for g in groups])
+        emit_json([enrollment_group_json(g) for g in groups])
     else:
         table(
             ["name", "enabled", "id-field", "profile", "validity", "cas"],
@@ -758,7 +733,7 @@ def enrollment_group_list(as_json: JsonOpt = False) -> None:
 def enrollment_group_show(name: Annotated[str, typer.Argument(metavar="NAME")], as_json: JsonOpt = False) -> None:
     """Show one enrollment group."""
     group = _hub().provisioning.get_group(name)
-    data = _enrollment_group_json(group)
+    data = enrollment_group_json(group)
     if as_json:
         emit_json(data)
     else:
@@ -803,7 +778,7 @@ def enrollment_add(
             validity_days=validity,
         )
         if as_json:
-            emit_json(_enrollment_json(enrollment))
+            emit_json(enrollment_json(enrollment))
         else:
             typer.echo(f"enrollment {enrollment.id}: {device_id} bound to {enrollment.certificate_fingerprint}")
         return
@@ -815,7 +790,7 @@ def enrollment_add(
         validity_days=validity,
     )
     if as_json:
-        emit_json({**_enrollment_json(enrollment), "token": str(secret)})
+        emit_json({**enrollment_json(enrollment), "token": str(secret)})
     else:
         typer.echo(f"enrollment {enrollment.id} for {device_id}, expires {enrollment.expires_at}")
         typer.echo("token (shown once, single use):")
@@ -835,7 +810,7 @@ def enrollment_list(
         raise InvalidInputError(f"unknown status {status!r}", hint="use active, used or revoked") from None
     found = _hub().provisioning.list_enrollments(device_id=device, status=wanted)
     if as_json:
-        emit_json([_enrollment_json(e) for e in found])
+        emit_json([enrollment_json(e) for e in found])
     else:
         table(
             ["id", "device", "kind", "status", "expires"],
@@ -928,18 +903,6 @@ def device_export(
 # -- API tokens -------------------------------------------------------------------------------------------------
 
 
-def _token_json(token: ApiToken) -> dict[str, object]:
-    return {
-        "id": token.id,
-        "name": token.name,
-        "role": str(token.role),
-        "created_at": token.created_at.isoformat(),
-        "expires_at": token.expires_at.isoformat(),
-        "revoked_at": token.revoked_at.isoformat() if token.revoked_at else None,
-        "created_by": token.created_by,
-    }
-
-
 @token_app.command("create")
 def token_create(
     role: Annotated[str, typer.Option("--role", help="viewer, operator, security-admin or auditor.")],
@@ -952,7 +915,7 @@ def token_create(
         role=parse_role(role), expires_in=_parse_duration(expires), actor=_actor(), name=name
     )
     if as_json:
-        emit_json({**_token_json(record), "token": str(secret)})
+        emit_json({**token_json(record), "token": str(secret)})
     else:
         typer.echo(f"token {record.id} ({record.role}), expires {record.expires_at.isoformat(timespec='seconds')}")
         typer.echo("token (shown once):")
@@ -964,7 +927,7 @@ def token_list(as_json: JsonOpt = False) -> None:
     """List API tokens (never their secrets)."""
     tokens = _hub().tokens.list()
     if as_json:
-        emit_json([_token_json(t) for t in tokens])
+        emit_json([token_json(t) for t in tokens])
     else:
         table(
             ["id", "name", "role", "expires", "revoked"],

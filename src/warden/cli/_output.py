@@ -9,9 +9,21 @@ from collections.abc import Sequence
 import typer
 
 from warden.monitor import AuditRecord
+from warden.policy import ApiToken
+from warden.provisioning import EnrollmentGroup, IndividualEnrollment
 from warden.registry import CertificateRecord, Device, DeviceGroup
 
-__all__ = ["audit_json", "certificate_json", "device_json", "emit_json", "group_json", "table"]
+__all__ = [
+    "audit_json",
+    "certificate_json",
+    "device_json",
+    "emit_json",
+    "enrollment_group_json",
+    "enrollment_json",
+    "group_json",
+    "table",
+    "token_json",
+]
 
 
 def _time(value: dt.datetime | None) -> str | None:
@@ -75,3 +87,47 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         typer.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+def enrollment_group_json(group: EnrollmentGroup) -> dict[str, object]:
+    return {
+        "name": group.name,
+        "enabled": group.enabled,
+        "id_field": str(group.id_field),
+        "profile": group.profile,
+        "validity_days": group.validity_days,
+        "tags": dict(group.tags),
+        "ca_fingerprints": list(group.ca_fingerprints),
+        "allow": sorted(group.allow),
+        "deny": sorted(group.deny),
+        "created_at": _time(group.created_at),
+        "updated_at": _time(group.updated_at),
+    }
+
+
+def enrollment_json(enrollment: IndividualEnrollment) -> dict[str, object]:
+    return {
+        "id": enrollment.id,
+        "device_id": enrollment.device_id,
+        "kind": str(enrollment.kind),
+        "status": str(enrollment.status),
+        "profile": enrollment.profile,
+        "validity_days": enrollment.validity_days,
+        "certificate_fingerprint": enrollment.certificate_fingerprint,
+        "created_at": _time(enrollment.created_at),
+        "expires_at": _time(enrollment.expires_at),
+        "used_at": _time(enrollment.used_at),
+        "revoked_at": _time(enrollment.revoked_at),
+    }
+
+
+def token_json(token: ApiToken) -> dict[str, object]:
+    return {
+        "id": token.id,
+        "name": token.name,
+        "role": str(token.role),
+        "created_at": _time(token.created_at),
+        "expires_at": _time(token.expires_at),
+        "revoked_at": _time(token.revoked_at),
+        "created_by": token.created_by,
+    }

@@ -84,6 +84,12 @@ _MAX_VALIDITY_DAYS = 825
 _ONBOARDABLE = frozenset({DeviceState.PENDING, DeviceState.ACTIVE})
 
 
+def _trust_version(uow: ProvisioningUnitOfWork, groups_version: str | None = None) -> str:
+    """Changes whenever an enrollment group or a pinned onboarding certificate changes."""
+    groups = uow.enrollment_groups.version() if groups_version is None else groups_version
+    return f"{groups}/{uow.enrollments.certificates_version()}"
+
+
 def token_fingerprint(device_id: str) -> str:
     """The onboarding identity of a device enrolled by token: the token enrollment for that device id (each token is
     single use, so the binding is to the enrollment channel, not to one token)."""
@@ -741,7 +747,7 @@ class ProvisioningService:
             return cached[1]
         with self._tx(readonly=True) as uow:
             groups_version = uow.enrollment_groups.version()
-            version = f"{groups_version}/{uow.enrollments.certificates_version()}"
+            version = _trust_version(uow, groups_version)
             if cached is not None and cached[0] == version:
                 view = cached[1]
             else:
@@ -793,14 +799,14 @@ class ProvisioningService:
     def trust_material(self) -> TrustMaterial:
         """The CA certificates and pinned onboarding certificates the EST listener must trust, with a version."""
         with self._tx(readonly=True) as uow:
-            version = f"{uow.enrollment_groups.version()}/{uow.enrollments.certificates_version()}"
+            version = _trust_version(uow)
             groups = uow.enrollment_groups.find(enabled=True)
             pinned = uow.enrollments.active_certificates()
         return TrustMaterial(version=version, pem=tuple(g.ca_pem for g in groups) + tuple(pinned))
 
     def trust_version(self) -> str:
         with self._tx(readonly=True) as uow:
-            return f"{uow.enrollment_groups.version()}/{uow.enrollments.certificates_version()}"
+            return _trust_version(uow)
 
     def _is_operational(self, certificate: x509.Certificate) -> bool:
         issuing = self.chain[0]
