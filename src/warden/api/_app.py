@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
 from warden.api import _est, _pki, _v1
 from warden.api._auth import public, requires
-from warden.api._edge import Edge
+from warden.api._edge import DirectHandler, Edge
 from warden.api._metrics import Metrics
 from warden.api._problems import install_handlers
 from warden.api._ratelimit import MultiLimiter, RateLimiter
@@ -84,4 +86,43 @@ def create_app(
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Edge(app, metrics=metrics, max_body=DEFAULT_LIMITS.max_request_body_bytes)
+    direct = {
+        (method, route.path): _direct(app, route)
+        for route in app.router.routes
+        if isinstance(route, APIRoute) and route.path in _est.DIRECT_PATHS
+        for method in route.methods or ()
+    }
+    return Edge(app, metrics=metrics, max_body=DEFAULT_LIMITS.max_request_body_bytes, direct=direct)
+
+
+def _direct(app: FastAPI, route: APIRoute) -> DirectHandler:
+    """``route`` served without FastAPI's router, middleware stack and dependency solving: the same endpoint and
+    the same exception handlers, and the route in the scope (the edge's metrics take their label from it). Only a
+    route whose endpoint takes nothing but the request qualifies."""
+    dependant = route.dependant
+    if (
+        dependant.dependencies
+        or dependant.path_params
+        or dependant.query_params
+        or dependant.header_params
+        or dependant.body_params
+        or dependant.request_param_name is None
+    ):
+        raise ValueError(f"route {route.path} takes more than the request: it cannot be served directly")
+    endpoint = route.endpoint
+    handlers: dict[Any, Any] = app.exception_handlers
+
+    async def handle(scope: Any, receive: Any, send: Any) -> None:
+        scope["app"] = app
+        scope["route"] = route
+        request = Request(scope, receive)
+        try:
+            response = await endpoint(request)
+        except Exception as exc:
+            handler = next((handlers[kind] for kind in type(exc).__mro__ if kind in handlers), None)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+        await response(scope, receive, send)
+
+    return handle

@@ -10,7 +10,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from warden.api._logging import request_id
@@ -23,16 +23,29 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+DirectHandler = ASGIApp
 
 access_log = logging.getLogger("warden.access")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{8,64}$")
 
 
 class Edge:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body: int) -> None:
+    """``direct`` maps ``(method, path)`` to a handler that serves that exact request without the framework's
+    routing and dependency machinery (the EST enrollment routes, the hub's hottest path); every other request goes
+    to ``app``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        max_body: int,
+        direct: Mapping[tuple[str, str], DirectHandler] | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
+        self.direct = dict(direct or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,8 +101,9 @@ class Edge:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", header_rid)]
             await send(message)
 
+        direct = self.direct.get((scope["method"], scope["path"])) if self.direct else None
         try:
-            await self.app(scope, limited_receive, send_with_id)
+            await (direct or self.app)(scope, limited_receive, send_with_id)
         except Exception:
             if not refused:
                 raise

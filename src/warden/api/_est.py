@@ -25,11 +25,13 @@ from warden.core import AuthenticationError, InvalidInputError, RateLimitedError
 from warden.hub import Hub
 from warden.provisioning import CERTS_ONLY_MEDIA_TYPE, EnrollmentResult, certs_only, decode_csr_body, max_body_bytes
 
-__all__ = ["client_certificate", "router"]
+__all__ = ["DIRECT_PATHS", "client_certificate", "router"]
 
 router = APIRouter(prefix="/.well-known/est", include_in_schema=False)
 _B64_HEADERS = {"Content-Transfer-Encoding": "base64"}
 _MAX_BODY = max_body_bytes()
+#: served by the edge without FastAPI's routing (see create_app): enrollment is the hub's hottest request
+DIRECT_PATHS = frozenset({"/.well-known/est/simpleenroll", "/.well-known/est/simplereenroll"})
 _TOKEN_ID = re.compile(r"[a-z]{2,4}_[0-9a-f]{16}")
 
 

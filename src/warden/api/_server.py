@@ -102,6 +102,17 @@ class WardenHttpProtocol(HttpToolsProtocol):
             self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
 
 
+def _set_message_callback(context: ssl.SSLContext, callback: Callable[..., None]) -> None:
+    """Install ``callback`` as the context's TLS message hook, on the C level when that can be done: ``ssl``'s
+    Python wrapper turns three integers into enums for every TLS message (a dozen per handshake), and that cost
+    about as much as the rest of the handshake's Python code. The callback gets plain integers there."""
+    raw = getattr(super(ssl.SSLContext, ssl.SSLContext), "_msg_callback", None)  # _ssl._SSLContext's descriptor
+    if raw is not None and hasattr(raw, "__set__"):
+        raw.__set__(context, callback)
+    elif hasattr(context, "_msg_callback"):
+        context._msg_callback = callback
+
+
 class TlsContexts:
     """The listener's TLS contexts. ``base`` is what the server socket was created with; its SNI callback moves
     every new handshake onto ``current``, which :meth:`refresh` rebuilds when the trust material (enrollment
@@ -136,11 +147,10 @@ class TlsContexts:
         material = self._hub.provisioning.trust_material()
         context.load_verify_locations(cadata=self._hub.chain_pem().decode("ascii") + "".join(material.pem))
         context.set_alpn_protocols(["http/1.1"])
-        if hasattr(context, "_msg_callback"):
-            # CPython's (private) TLS message hook is the only place a refused handshake is visible from Python:
-            # asyncio drops the error silently. Every fatal alert OpenSSL produces is counted (asyncio then closes
-            # the connection without flushing it, so the client sees the connection end, not the alert).
-            context._msg_callback = self._on_message
+        # CPython's (private) TLS message hook is the only place a refused handshake is visible from Python:
+        # asyncio drops the error silently. Every fatal alert OpenSSL produces is counted (asyncio then closes the
+        # connection without flushing it, so the client sees the connection end, not the alert).
+        _set_message_callback(context, self._on_message)
         self._version = version
         return context
 

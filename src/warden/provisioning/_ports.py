@@ -42,6 +42,11 @@ class EnrollmentStore(Protocol):
         ...
 
     def active_for_device(self, device_id: str) -> list[IndividualEnrollment]: ...
+    def active_claims(self, device_id: str, fingerprint: str) -> list[IndividualEnrollment]:
+        """In one query: the active enrollments of ``device_id`` and the active certificate enrollment of the
+        onboarding certificate ``fingerprint``."""
+        ...
+
     def find(
         self,
         *,

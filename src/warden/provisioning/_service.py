@@ -64,6 +64,7 @@ from warden.provisioning._model import (
 )
 from warden.provisioning._ports import ProvisioningTransactions, ProvisioningUnitOfWork
 from warden.registry import (
+    Admitted,
     CertificateRecord,
     CertificateService,
     CertificateStatus,
@@ -184,7 +185,7 @@ class _Gate:
         details.update(extra)
         return details
 
-    def check(self, registry_uow: RegistryUnitOfWork, now: dt.datetime) -> Refusal | None:
+    def check(self, registry_uow: RegistryUnitOfWork, now: dt.datetime) -> Refusal | Admitted | None:
         uow = cast(ProvisioningUnitOfWork, registry_uow)
         if self.renewing_serial is not None:
             return self._check_renewal(uow, now)
@@ -193,7 +194,7 @@ class _Gate:
             return refusal
         return self._check_identity(uow, now)
 
-    def _check_renewal(self, uow: ProvisioningUnitOfWork, now: dt.datetime) -> Refusal | None:
+    def _check_renewal(self, uow: ProvisioningUnitOfWork, now: dt.datetime) -> Refusal | Admitted:
         assert self.renewing_serial is not None
         device = uow.devices.identity(self.device_id, lock=True)
         if device is not None and device[0] is not DeviceState.ACTIVE:
@@ -216,7 +217,7 @@ class _Gate:
                 "the client certificate has been superseded; renew with the device's newest certificate",
                 self._details(serial=record.serial_hex, newest=current[-1].serial_hex),
             )
-        return None
+        return Admitted(device[0] if device is not None else None)
 
     def _check_enrollment(self, uow: ProvisioningUnitOfWork, now: dt.datetime) -> Refusal | None:
         assert self.enrollment_id is not None
@@ -254,14 +255,15 @@ class _Gate:
         if group is None or not group.enabled:
             return Refusal(f"enrollment group {self.group!r} is disabled", self._details())
         assert self.fingerprint is not None
-        if uow.enrollments.active_for_device(self.device_id):
+        claims = uow.enrollments.active_claims(self.device_id, self.fingerprint)
+        if any(e.device_id == self.device_id for e in claims):
             # A device enrolled individually onboards only through that enrollment (its pinned certificate or its
             # token), never through a group that happens to trust a certificate naming it.
             return Refusal(
                 f"device {self.device_id!r} has an individual enrollment; it onboards only through it",
                 self._details(),
             )
-        if uow.enrollments.by_certificate(self.fingerprint) is not None:
+        if claims:
             # An individual enrollment for this certificate appeared since the caller looked: it decides the
             # device id, not the group. The client retries.
             return Refusal("this onboarding certificate has just been enrolled individually; retry", self._details())
@@ -270,14 +272,13 @@ class _Gate:
             return Refusal(reason, self._details())
         return None
 
-    def _check_identity(self, uow: ProvisioningUnitOfWork, now: dt.datetime) -> Refusal | None:
+    def _check_identity(self, uow: ProvisioningUnitOfWork, now: dt.datetime) -> Refusal | Admitted:
         assert self.fingerprint is not None
         # The device row is locked first: two workers onboarding one device (with one or two identities) serialise
         # here, and the second sees what the first bound. A new device id has no row: there the unique keys of the
         # device id and the onboarding fingerprint make the second commit fail, and its retry sees the first.
-        device = uow.devices.identity(self.device_id, lock=True)
+        device, holder = uow.devices.identity_and_holder(self.device_id, self.fingerprint, lock=True)
         bound = device[1] if device is not None else None
-        holder = uow.devices.holder_of(self.fingerprint)
         conflict: str | None = None
         if holder is not None and holder != self.device_id:
             conflict = f"this onboarding identity belongs to device {holder!r}"
@@ -308,7 +309,7 @@ class _Gate:
             self._reonboard = True
         # A device the enrollment creates carries its fingerprint already; one registered earlier gets it bound.
         self._bind = device is not None and bound is None
-        return None
+        return Admitted(device[0] if device is not None else None)
 
     def details(self) -> dict[str, object]:
         details = self._details()

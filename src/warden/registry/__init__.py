@@ -2,6 +2,7 @@
 certificate use cases (issue, renew, revoke, CRL, OCSP) that tie the PKI to them."""
 
 from warden.registry._certificates import (
+    Admitted,
     CertificateService,
     IssuancePolicy,
     IssuedCertificate,
@@ -47,6 +48,7 @@ __all__ = [
     "DeviceStore",
     "GroupStore",
     "IssuancePolicy",
+    "Admitted",
     "IssueHooks",
     "IssuedCertificate",
     "PublishedCrl",

@@ -99,13 +99,23 @@ class Refusal:
     events: tuple[AuditEvent, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A hook's check let the request through, having read the device's state with its row locked (``None``: no
+    such device yet): the registry takes it from here instead of reading it again."""
+
+    state: DeviceState | None
+
+
 class IssueHooks(Protocol):
     """Work another context does inside the issuing transaction (provisioning: tokens, onboarding identities).
 
-    ``check`` runs before the device's state is checked and may refuse; ``recorded`` runs once the certificate is
-    signed and returns the audit events of what it changed. Both see every earlier request of the same batch."""
+    ``check`` runs before the device's state is checked and may refuse (:class:`Refusal`); it lets the request
+    through with ``None`` or, when it read the device's state with the row locked, with :class:`Admitted`.
+    ``recorded`` runs once the certificate is signed and returns the audit events of what it changed. Both see
+    every earlier request of the same batch."""
 
-    def check(self, uow: RegistryUnitOfWork, now: dt.datetime) -> Refusal | None: ...
+    def check(self, uow: RegistryUnitOfWork, now: dt.datetime) -> Refusal | Admitted | None: ...
     def details(self) -> Mapping[str, object]:
         """Added to the audit record of the issuance (how the request was authenticated, from where)."""
         ...
@@ -327,7 +337,8 @@ class CertificateService:
                 requests.append(parse_csr(item.csr, limits=self._policy.limits))
             except CSRRejectedError as e:
                 requests.append(e)
-        states = uow.devices.states({p.device_id for p in batch if p.device_id is not None})
+        # A request with hooks reads its device's state itself, with the row locked (see below).
+        states = uow.devices.states({p.device_id for p in batch if p.device_id is not None and p.hooks is None})
         key_uses = uow.certificates.key_uses(
             {r.key_fingerprint for r in requests if isinstance(r, CertificateSigningRequest)}
         )
@@ -346,8 +357,11 @@ class CertificateService:
                 # A renewal looks at the device's certificates: those signed earlier in this batch must be there.
                 uow.certificates.insert_many(records)
                 records = []
+            admitted: Admitted | None = None
             if item.hooks is not None:
                 hook_refusal = item.hooks.check(uow, now)
+                if isinstance(hook_refusal, Admitted):
+                    admitted, hook_refusal = hook_refusal, None
                 if hook_refusal is not None:
                     events.extend(hook_refusal.events)
                     details = {"reason": hook_refusal.reason, **hook_refusal.details}
@@ -355,7 +369,9 @@ class CertificateService:
                     results.append(IssuanceRefusedError(hook_refusal.reason, target=target))
                     continue
             state = states.get(device_id) if device_id is not None else None
-            if item.hooks is not None and device_id is not None:
+            if admitted is not None:
+                state = admitted.state
+            elif item.hooks is not None and device_id is not None:
                 # The hook locked the device's row: its state is read again now, not taken from the batch's start.
                 current = uow.devices.identity(device_id)
                 state = current[0] if current is not None else None
@@ -385,7 +401,9 @@ class CertificateService:
             if create:
                 # Registered active at once: it has its first certificate in this very transaction.
                 assert item.new_device is not None
-                uow.devices.insert(dataclasses.replace(item.new_device, state=DeviceState.ACTIVE))
+                # This transaction found no such device: the insert skips its own look (the primary key still
+                # refuses a device another worker added meanwhile, and the batch's retry reports it).
+                uow.devices.insert(dataclasses.replace(item.new_device, state=DeviceState.ACTIVE), known_absent=True)
                 states[item.new_device.id] = state = DeviceState.ACTIVE
                 events.append(
                     AuditEvent(

@@ -39,7 +39,11 @@ R = TypeVar("R")
 
 
 class DeviceStore(Protocol):
-    def insert(self, device: Device) -> None: ...
+    def insert(self, device: Device, *, known_absent: bool = False) -> None:
+        """Add ``device``; a device with its id exists already: AlreadyExistsError. ``known_absent``: the caller's
+        transaction has just found no such device, so the store need not look first."""
+        ...
+
     def get(self, device_id: str, *, lock: bool = False) -> Device | None:
         """The device; ``lock`` holds its row until the transaction ends (concurrent writers wait)."""
         ...
@@ -63,6 +67,13 @@ class DeviceStore(Protocol):
 
     def holder_of(self, fingerprint: str) -> str | None:
         """The id of the device bound to this onboarding fingerprint, if any."""
+        ...
+
+    def identity_and_holder(
+        self, device_id: str, fingerprint: str, *, lock: bool = False
+    ) -> tuple[tuple[DeviceState, str | None] | None, str | None]:
+        """:meth:`identity` of ``device_id`` and :meth:`holder_of` ``fingerprint`` in one query; ``lock`` holds
+        both rows."""
         ...
 
     def by_onboarding(self, fingerprint: str) -> Device | None:

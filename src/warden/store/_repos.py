@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, delete, func, insert, or_, select, update
 
 from warden.core import AlreadyExistsError, StorageError
 from warden.monitor import GENESIS_HASH, AuditRecord, Checkpoint, canonical_details
@@ -80,6 +80,10 @@ _INSERT_DEVICE = insert(devices)
 _DEVICE_IDENTITY = select(devices.c.state, devices.c.onboarding_fingerprint).where(devices.c.id == bindparam("id"))
 _DEVICE_IDENTITY_LOCKED = _DEVICE_IDENTITY.with_for_update()
 _DEVICE_BY_ONBOARDING = select(devices.c.id).where(devices.c.onboarding_fingerprint == bindparam("fp"))
+_DEVICE_IDENTITY_AND_HOLDER = select(devices.c.id, devices.c.state, devices.c.onboarding_fingerprint).where(
+    or_(devices.c.id == bindparam("id"), devices.c.onboarding_fingerprint == bindparam("fp"))
+)
+_DEVICE_IDENTITY_AND_HOLDER_LOCKED = _DEVICE_IDENTITY_AND_HOLDER.with_for_update()
 _CERTIFICATE_BY_SERIAL = select(certificates).where(certificates.c.serial == bindparam("serial"))
 _ENROLLMENT = select(enrollments).where(enrollments.c.id == bindparam("id"))
 _ENROLLMENT_LOCKED = _ENROLLMENT.with_for_update()
@@ -92,6 +96,20 @@ _ENROLLMENT_BY_CERTIFICATE = (
     )
     .order_by(enrollments.c.id)
     .limit(1)
+)
+_ACTIVE_CLAIMS = (
+    select(enrollments)
+    .where(
+        enrollments.c.status == str(EnrollmentStatus.ACTIVE),
+        or_(
+            enrollments.c.device_id == bindparam("id"),
+            and_(
+                enrollments.c.certificate_fingerprint == bindparam("fp"),
+                enrollments.c.kind == str(EnrollmentKind.CERTIFICATE),
+            ),
+        ),
+    )
+    .order_by(enrollments.c.id)
 )
 _ACTIVE_ENROLLMENTS_OF_DEVICE = (
     select(enrollments)
@@ -147,8 +165,8 @@ class DeviceRepository:
     def _exists(self, device_id: str) -> bool:
         return self._c.execute(_DEVICE_EXISTS, {"id": device_id}).first() is not None
 
-    def insert(self, device: Device) -> None:
-        if self._exists(device.id):
+    def insert(self, device: Device, *, known_absent: bool = False) -> None:
+        if not known_absent and self._exists(device.id):
             raise AlreadyExistsError(f"device {device.id!r} exists already", hint="choose another id")
         self._c.execute(
             _INSERT_DEVICE,
@@ -269,6 +287,19 @@ class DeviceRepository:
     def holder_of(self, fingerprint: str) -> str | None:
         row = self._c.execute(_DEVICE_BY_ONBOARDING, {"fp": fingerprint}).first()
         return str(row.id) if row is not None else None
+
+    def identity_and_holder(
+        self, device_id: str, fingerprint: str, *, lock: bool = False
+    ) -> tuple[tuple[DeviceState, str | None] | None, str | None]:
+        statement = _DEVICE_IDENTITY_AND_HOLDER_LOCKED if lock else _DEVICE_IDENTITY_AND_HOLDER
+        identity: tuple[DeviceState, str | None] | None = None
+        holder: str | None = None
+        for row in self._c.execute(statement, {"id": device_id, "fp": fingerprint}):
+            if row.id == device_id:
+                identity = (DeviceState(row.state), row.onboarding_fingerprint)
+            if row.onboarding_fingerprint == fingerprint:
+                holder = str(row.id)
+        return identity, holder
 
     def by_onboarding(self, fingerprint: str) -> Device | None:
         row = self._c.execute(select(devices).where(devices.c.onboarding_fingerprint == fingerprint)).first()
@@ -751,6 +782,9 @@ class EnrollmentRepository:
 
     def active_for_device(self, device_id: str) -> list[IndividualEnrollment]:
         return [_enrollment(r) for r in self._c.execute(_ACTIVE_ENROLLMENTS_OF_DEVICE, {"id": device_id})]
+
+    def active_claims(self, device_id: str, fingerprint: str) -> list[IndividualEnrollment]:
+        return [_enrollment(r) for r in self._c.execute(_ACTIVE_CLAIMS, {"id": device_id, "fp": fingerprint})]
 
     def find(
         self,
