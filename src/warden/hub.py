@@ -7,6 +7,7 @@ nothing behind.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -58,7 +59,7 @@ from warden.pki import (
 from warden.policy import TokenService
 from warden.provisioning import ProvisioningService
 from warden.registry import CertificateService, DeviceService, IssuancePolicy, RegistryUnitOfWork
-from warden.store import Database, GroupCommitter
+from warden.store import CommitSink, Database, GroupCommitter, LoopCommitter
 
 __all__ = ["Hub", "HubCA", "initialise"]
 
@@ -211,7 +212,9 @@ class Hub:
             mirror=CheckpointMirror(settings.data_dir / "audit" / "checkpoints.jsonl"),
             every=settings.audit_checkpoint_every,
         )
-        self._committer = GroupCommitter(self.db) if group_commit else None
+        self._committer: GroupCommitter | LoopCommitter | None = (
+            GroupCommitter(self.db, linger=self.settings.commit_linger_ms / 1000) if group_commit else None
+        )
         self.devices = DeviceService(transactions=self.db.transaction, audit=self.audit, clock=self.clock)
         self.certificates = CertificateService(
             transactions=self.db.transaction,
@@ -342,6 +345,30 @@ class Hub:
             return self._committer.run(fn, item)
         with self.db.transaction() as uow:
             return fn(uow, [item])[0]
+
+    def commit_in(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """On SQLite, move group commit into ``loop`` (call it from the loop's thread): one thread runs the server's
+        Python, with no GIL handed back and forth (see :class:`LoopCommitter`). On PostgreSQL every statement is a
+        network round trip the loop must not wait for: the committer thread stays. True when it moved."""
+        if not self.db.is_sqlite or not isinstance(self._committer, GroupCommitter):
+            return False
+        self._committer.close()
+        self._committer = LoopCommitter(self.db, loop, linger=self.settings.commit_linger_ms / 1000)
+        return True
+
+    def submit_write(
+        self,
+        fn: Callable[[RegistryUnitOfWork, Sequence[ItemT]], Sequence[R]],
+        item: ItemT,
+        sink: CommitSink,
+        token: object,
+    ) -> bool:
+        """Hand ``item`` to the group committer without waiting (``sink`` hears of it once its batch commits, see
+        :meth:`GroupCommitter.submit`); False when this hub has no committer and the caller must write itself."""
+        if self._committer is None:
+            return False
+        self._committer.submit(fn, item, sink, token)
+        return True
 
     def passphrase(self) -> bytes | None:
         if self._passphrase_cache is None:

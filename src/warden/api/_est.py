@@ -8,11 +8,13 @@ id). Errors are plain text (RFC 7030 section 4.2.3), with ``Retry-After`` on 429
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import re
 import ssl
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +25,14 @@ from starlette.responses import Response
 from warden.api._auth import public
 from warden.core import AuthenticationError, InvalidInputError, RateLimitedError, WardenError
 from warden.hub import Hub
-from warden.provisioning import CERTS_ONLY_MEDIA_TYPE, EnrollmentResult, certs_only, decode_csr_body, max_body_bytes
+from warden.provisioning import (
+    CERTS_ONLY_MEDIA_TYPE,
+    EnrollmentPlan,
+    EnrollmentResult,
+    certs_only,
+    decode_csr_body,
+    max_body_bytes,
+)
 
 __all__ = ["DIRECT_PATHS", "client_certificate", "router"]
 
@@ -116,10 +125,68 @@ async def _read_body(request: Request) -> bytes:
     return decode_csr_body(bytes(body))
 
 
-async def _issue(request: Request, operation: str, fn: Callable[[], EnrollmentResult]) -> Response:
+class _LoopSink:
+    """Takes the group committer's results back onto the event loop: one wake-up per committed batch, however many
+    of the loop's requests it held (a thread per waiting request cost more than the enrollment's database work),
+    or none when the loop commits itself."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def deliver(self, outcomes: list[tuple[Any, bool, Any]]) -> None:
+        try:
+            in_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            in_loop = False
+        if in_loop:  # the loop commits itself (LoopCommitter)
+            _settle(outcomes)
+        else:
+            self._loop.call_soon_threadsafe(_settle, outcomes)
+
+
+def _settle(outcomes: list[tuple[Any, bool, Any]]) -> None:
+    for future, ok, value in outcomes:
+        if future.done():  # the request was cancelled (the client went away); its certificate is recorded anyway
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+_sinks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSink] = weakref.WeakKeyDictionary()
+
+
+async def _write(hub: Hub, plan: EnrollmentPlan, limiter: anyio.CapacityLimiter) -> EnrollmentResult:
+    """``plan`` through the hub's group committer, the loop waiting on a future; a hub without a committer writes
+    in a worker thread."""
+    loop = asyncio.get_running_loop()
+    sink = _sinks.get(loop)
+    if sink is None:
+        sink = _sinks.setdefault(loop, _LoopSink(loop))
+    future: asyncio.Future[Any] = loop.create_future()
+    if hub.submit_write(plan.issue.fn, plan.issue.item, sink, future):
+        # Shielded: a client that goes away does not cancel a write the committer has taken already.
+        return plan.finish(await asyncio.shield(future))
+    return await anyio.to_thread.run_sync(hub.provisioning.complete, plan, limiter=limiter)
+
+
+async def _issue(
+    request: Request,
+    operation: str,
+    fn: Callable[[], EnrollmentPlan],
+    nowait: Callable[[], EnrollmentPlan | None] | None = None,
+) -> Response:
     metrics = request.app.state.metrics
+    limiter = request.app.state.issue_limiter
     try:
-        result = await anyio.to_thread.run_sync(fn, limiter=request.app.state.issue_limiter)
+        # The checks before the write run on the loop when they need no database (``nowait``), else in a worker
+        # thread (they may read the database, and a refusal writes its audit record); the write itself goes to
+        # the group committer without holding a thread.
+        plan = nowait() if nowait is not None else None
+        if plan is None:
+            plan = await anyio.to_thread.run_sync(fn, limiter=limiter)
+        result = await _write(request.app.state.hub, plan, limiter)
     except WardenError as e:
         metrics.est.labels(operation, type(e).__name__).inc()
         raise
@@ -151,7 +218,7 @@ async def simpleenroll(request: Request) -> Response:
         csr = await _read_csr(request, f"token:{token_id}")
         source = _source(request)
         return await _issue(
-            request, "simpleenroll", lambda: hub.provisioning.enroll_with_token(token, csr, source=source)
+            request, "simpleenroll", lambda: hub.provisioning.plan_with_token(token, csr, source=source)
         )
     if certificate is None:
         _rate_limit(request, None)
@@ -164,7 +231,10 @@ async def simpleenroll(request: Request) -> Response:
     csr = await _read_csr(request, f"onboarding:{fingerprint[:16]}")
     source = _source(request)
     return await _issue(
-        request, "simpleenroll", lambda: hub.provisioning.enroll_with_certificate(certificate, csr, source=source)
+        request,
+        "simpleenroll",
+        lambda: hub.provisioning.plan_with_certificate(certificate, csr, source=source),
+        lambda: hub.provisioning.plan_with_certificate_nowait(certificate, csr, source=source),
     )
 
 
@@ -181,4 +251,6 @@ async def simplereenroll(request: Request) -> Response:
     _rate_limit(request, "cert:" + fingerprint[:32])
     csr = await _read_csr(request, f"certificate:{fingerprint[:16]}")
     source = _source(request)
-    return await _issue(request, "simplereenroll", lambda: hub.provisioning.reenroll(certificate, csr, source=source))
+    return await _issue(
+        request, "simplereenroll", lambda: hub.provisioning.plan_reenroll(certificate, csr, source=source)
+    )

@@ -243,6 +243,7 @@ def _worker(settings: Settings, sock: socket.socket) -> None:
     async def main() -> None:
         wake = asyncio.Event()
         loop = asyncio.get_running_loop()
+        hub.commit_in(loop)
 
         def on_trust_change() -> None:
             loop.call_soon_threadsafe(wake.set)

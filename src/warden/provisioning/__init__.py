@@ -26,6 +26,7 @@ from warden.provisioning._ports import (
 )
 from warden.provisioning._service import (
     CONFLICT_EVENT,
+    EnrollmentPlan,
     EnrollmentResult,
     ProvisioningService,
     TrustMaterial,
@@ -39,6 +40,7 @@ __all__ = [
     "EnrollmentGroup",
     "EnrollmentGroupStore",
     "EnrollmentKind",
+    "EnrollmentPlan",
     "EnrollmentResult",
     "EnrollmentStatus",
     "EnrollmentStore",

@@ -11,6 +11,7 @@ nothing behind but its audit record.
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import dataclasses
 import datetime as dt
@@ -18,6 +19,7 @@ import hashlib
 import io
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import cast
 
@@ -37,6 +39,7 @@ from warden.core import (
     NotFoundError,
     Random,
     Token,
+    WardenError,
     new_token,
     split_token,
     token_mac,
@@ -71,11 +74,19 @@ from warden.registry import (
     Device,
     DeviceState,
     IssuedCertificate,
+    IssuePlan,
     Refusal,
     RegistryUnitOfWork,
 )
 
-__all__ = ["CONFLICT_EVENT", "EnrollmentResult", "ProvisioningService", "TrustMaterial", "token_fingerprint"]
+__all__ = [
+    "CONFLICT_EVENT",
+    "EnrollmentPlan",
+    "EnrollmentResult",
+    "ProvisioningService",
+    "TrustMaterial",
+    "token_fingerprint",
+]
 
 #: the audit action of a security event: an onboarding identity presented for a device it is not bound to
 CONFLICT_EVENT = "onboarding-identity-conflict"
@@ -102,6 +113,27 @@ class EnrollmentResult:
     device_id: str
     issued: IssuedCertificate
     chain: tuple[x509.Certificate, ...]
+
+
+class _WouldBlockError(Exception):
+    """A planning step would have touched the database where the caller asked it not to."""
+
+
+#: set while planning must not touch the database (see ProvisioningService.plan_with_certificate_nowait)
+_NO_IO: contextvars.ContextVar[bool] = contextvars.ContextVar("warden_provisioning_no_io", default=False)
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentPlan:
+    """An enrollment that passed every check that needs no write: ``issue`` goes to the writer (or to
+    :meth:`ProvisioningService.complete`), and :meth:`finish` turns the writer's result into the enrollment's."""
+
+    device_id: str
+    issue: IssuePlan
+    chain: tuple[x509.Certificate, ...]
+
+    def finish(self, result: IssuedCertificate | WardenError) -> EnrollmentResult:
+        return EnrollmentResult(device_id=self.device_id, issued=self.issue.finish(result), chain=self.chain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,7 +403,7 @@ class ProvisioningService:
         cache_seconds: float = 2.0,
         anonymous_audits_per_minute: int = 10,
     ) -> None:
-        self._tx = transactions
+        self._transactions = transactions
         self._certificates = certificates
         self._audit = audit
         self._clock = clock
@@ -737,6 +769,25 @@ class ProvisioningService:
 
     # -- the EST use cases --------------------------------------------------------------------------------------
 
+    def _tx(self, *, readonly: bool = False) -> AbstractContextManager[ProvisioningUnitOfWork]:
+        if _NO_IO.get():
+            raise _WouldBlockError
+        return self._transactions(readonly=readonly)
+
+    def plan_with_certificate_nowait(
+        self, client_certificate: bytes, csr: bytes, *, source: str
+    ) -> EnrollmentPlan | None:
+        """:meth:`plan_with_certificate` if it can be made without the database (the usual case: the trust view
+        is cached and nothing is refused), else None, and the caller runs :meth:`plan_with_certificate` where it
+        may block. Made for an event loop: most enrollments then cost no thread at all."""
+        token = _NO_IO.set(True)
+        try:
+            return self.plan_with_certificate(client_certificate, csr, source=source)
+        except _WouldBlockError:
+            return None
+        finally:
+            _NO_IO.reset(token)
+
     def _trust_view(self) -> tuple[GroupIndex, Mapping[str, IndividualEnrollment], str]:
         """The enabled groups and the active certificate enrollments (by fingerprint), read at most every
         ``cache_seconds`` and only when their versions moved. Only used to find which device a certificate claims
@@ -837,6 +888,25 @@ class ProvisioningService:
 
     def enroll_with_certificate(self, client_certificate: bytes, csr: bytes, *, source: str) -> EnrollmentResult:
         """``simpleenroll`` authenticated by an onboarding certificate (already verified in the TLS handshake)."""
+        return self.complete(self.plan_with_certificate(client_certificate, csr, source=source))
+
+    def enroll_with_token(self, token_text: str, csr: bytes, *, source: str) -> EnrollmentResult:
+        """``simpleenroll`` authenticated by a one-time enrollment token (HTTP Basic password or Bearer)."""
+        return self.complete(self.plan_with_token(token_text, csr, source=source))
+
+    def reenroll(self, client_certificate: bytes, csr: bytes, *, source: str) -> EnrollmentResult:
+        """``simplereenroll``: renewal authenticated by the device's current operational certificate."""
+        return self.complete(self.plan_reenroll(client_certificate, csr, source=source))
+
+    def complete(self, plan: EnrollmentPlan) -> EnrollmentResult:
+        """Record ``plan`` through the writer, waiting for its commit."""
+        return EnrollmentResult(
+            device_id=plan.device_id, issued=self._certificates.complete(plan.issue), chain=plan.chain
+        )
+
+    def plan_with_certificate(self, client_certificate: bytes, csr: bytes, *, source: str) -> EnrollmentPlan:
+        """:meth:`enroll_with_certificate` up to the write: every refusal that needs no issuing transaction is
+        raised (and audited) here."""
         action = "enrollment.enroll"
         onboarding = parse_client_certificate(client_certificate)
         now = self._clock.now()
@@ -904,10 +974,10 @@ class ProvisioningService:
             tags=dict(group.tags) if group is not None else {},
             onboarding_fingerprint=onboarding.fingerprint,
         )
-        return self._issue(device_id, csr, actor, action, profile, validity_days, gate, new_device)
+        return self._plan(device_id, csr, actor, action, profile, validity_days, gate, new_device)
 
-    def enroll_with_token(self, token_text: str, csr: bytes, *, source: str) -> EnrollmentResult:
-        """``simpleenroll`` authenticated by a one-time enrollment token (HTTP Basic password or Bearer)."""
+    def plan_with_token(self, token_text: str, csr: bytes, *, source: str) -> EnrollmentPlan:
+        """:meth:`enroll_with_token` up to the write."""
         action = "enrollment.enroll"
         token = split_token(token_text, prefix=_TOKEN_PREFIX)
         with self._tx(readonly=True) as uow:
@@ -937,10 +1007,10 @@ class ProvisioningService:
             token=token,
             token_key=self._token_key,
         )
-        return self._issue(device_id, csr, actor, action, enrollment.profile, enrollment.validity_days, gate, None)
+        return self._plan(device_id, csr, actor, action, enrollment.profile, enrollment.validity_days, gate, None)
 
-    def reenroll(self, client_certificate: bytes, csr: bytes, *, source: str) -> EnrollmentResult:
-        """``simplereenroll``: renewal authenticated by the device's current operational certificate."""
+    def plan_reenroll(self, client_certificate: bytes, csr: bytes, *, source: str) -> EnrollmentPlan:
+        """:meth:`reenroll` up to the write."""
         action = "enrollment.reenroll"
         current = parse_client_certificate(client_certificate)
         anonymous = f"certificate:{current.fingerprint[:16]}"
@@ -975,9 +1045,9 @@ class ProvisioningService:
         )
         lifetime = record.not_after - record.not_before - BACKDATE
         validity_days = max(1, round(lifetime / dt.timedelta(days=1)))
-        return self._issue(device_id, csr, actor, action, record.profile, validity_days, gate, None, renew=True)
+        return self._plan(device_id, csr, actor, action, record.profile, validity_days, gate, None, renew=True)
 
-    def _issue(
+    def _plan(
         self,
         device_id: str,
         csr: bytes,
@@ -989,8 +1059,8 @@ class ProvisioningService:
         new_device: Device | None,
         *,
         renew: bool = False,
-    ) -> EnrollmentResult:
-        issued = self._certificates.enroll(
+    ) -> EnrollmentPlan:
+        issue = self._certificates.plan_enroll(
             device_id=device_id,
             csr=csr,
             actor=actor,
@@ -1001,7 +1071,7 @@ class ProvisioningService:
             new_device=new_device,
             hooks=gate,
         )
-        return EnrollmentResult(device_id=device_id, issued=issued, chain=self.chain)
+        return EnrollmentPlan(device_id=device_id, issue=issue, chain=self.chain)
 
     # -- bulk import and export ---------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from warden.registry._certificates import (
     IssuancePolicy,
     IssuedCertificate,
     IssueHooks,
+    IssuePlan,
     Refusal,
     parse_reason,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "IssuancePolicy",
     "Admitted",
     "IssueHooks",
+    "IssuePlan",
     "IssuedCertificate",
     "PublishedCrl",
     "Refusal",

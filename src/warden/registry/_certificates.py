@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -141,6 +141,23 @@ class _PendingIssue:
     hooks: IssueHooks | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class IssuePlan:
+    """An issuance ready for the writer: ``fn`` records ``item`` (in a batch, see :class:`Writer`), and
+    :meth:`finish` turns what it returned for the item into the certificate, or raises the refusal. Built by
+    :meth:`CertificateService.plan_enroll` for callers that hand it to the writer themselves (the hub's event
+    loop, which must not block on it); :meth:`CertificateService.complete` does it for everyone else."""
+
+    fn: Callable[[RegistryUnitOfWork, Sequence[_PendingIssue]], list[IssuedCertificate | WardenError]]
+    item: _PendingIssue
+
+    @staticmethod
+    def finish(result: IssuedCertificate | WardenError) -> IssuedCertificate:
+        if isinstance(result, WardenError):
+            raise result
+        return result
+
+
 def _issue_details(
     item: _PendingIssue, request: CertificateSigningRequest, record: CertificateRecord
 ) -> dict[str, object]:
@@ -266,12 +283,44 @@ class CertificateService:
         """Issuance on behalf of another context's use case (EST enrollment and re-enrollment): ``hooks`` run in
         the issuing transaction, ``new_device`` is registered there if it does not exist, and ``validity`` overrides
         the profile's default (it is capped by the profile's maximum in the PKI)."""
+        return self.complete(
+            self.plan_enroll(
+                device_id=device_id,
+                csr=csr,
+                actor=actor,
+                action=action,
+                profile=profile,
+                validity=validity,
+                renew=renew,
+                new_device=new_device,
+                hooks=hooks,
+            )
+        )
+
+    def complete(self, plan: IssuePlan) -> IssuedCertificate:
+        """Record ``plan`` through the writer (waiting for its commit) and return the certificate."""
+        return plan.finish(self._write(plan.fn, plan.item))
+
+    def plan_enroll(
+        self,
+        *,
+        device_id: str,
+        csr: bytes,
+        actor: str,
+        action: str,
+        profile: Profile = Profile.DEVICE,
+        validity: dt.timedelta | None = None,
+        renew: bool = False,
+        new_device: Device | None = None,
+        hooks: IssueHooks | None = None,
+    ) -> IssuePlan:
+        """:meth:`enroll`, up to the point where the request goes to the writer."""
         if profile not in _DEVICE_PROFILES:
             raise InvalidInputError(f"profile {profile} is not for devices", hint="use 'device' or 'gateway'")
         if new_device is not None and new_device.id != device_id:
             raise ValueError("new_device must carry device_id")
         identity = IssuedIdentity.for_device(device_id, self._policy.fleet_domain)
-        return self._issue(
+        return self._plan(
             csr,
             profile,
             identity,
@@ -299,6 +348,37 @@ class CertificateService:
         new_device: Device | None = None,
         hooks: IssueHooks | None = None,
     ) -> IssuedCertificate:
+        return self.complete(
+            self._plan(
+                csr,
+                profile,
+                identity,
+                actor,
+                device_id=device_id,
+                action=action,
+                renew=renew,
+                revoke_superseded=revoke_superseded,
+                validity=validity,
+                new_device=new_device,
+                hooks=hooks,
+            )
+        )
+
+    def _plan(
+        self,
+        csr: bytes,
+        profile: Profile,
+        identity: IssuedIdentity,
+        actor: str,
+        *,
+        device_id: str | None,
+        action: str,
+        renew: bool = False,
+        revoke_superseded: bool = False,
+        validity: dt.timedelta | None = None,
+        new_device: Device | None = None,
+        hooks: IssueHooks | None = None,
+    ) -> IssuePlan:
         # An oversized request never reaches the writer's queue.
         check_csr_size(csr, limits=self._policy.limits)
         pending = _PendingIssue(
@@ -314,10 +394,7 @@ class CertificateService:
             new_device=new_device,
             hooks=hooks,
         )
-        result = self._write(self._issue_batch, pending)
-        if isinstance(result, WardenError):
-            raise result
-        return result
+        return IssuePlan(self._issue_batch, pending)
 
     def _issue_batch(
         self, uow: RegistryUnitOfWork, batch: Sequence[_PendingIssue]
