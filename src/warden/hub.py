@@ -352,8 +352,12 @@ class Hub:
         network round trip the loop must not wait for: the committer thread stays. True when it moved."""
         if not self.db.is_sqlite or not isinstance(self._committer, GroupCommitter):
             return False
-        self._committer.close()
-        self._committer = LoopCommitter(self.db, loop, linger=self.settings.commit_linger_ms / 1000)
+        # The new committer takes over before the old one drains: a write arriving meanwhile finds one or the other.
+        previous, self._committer = (
+            self._committer,
+            LoopCommitter(self.db, loop, linger=self.settings.commit_linger_ms / 1000),
+        )
+        previous.close()
         return True
 
     def submit_write(

@@ -37,7 +37,13 @@ from warden.core import (
 from warden.hub import Hub
 from warden.monitor import AuditRecord
 from warden.pki import BACKDATE, RevocationReason
-from warden.provisioning import CONFLICT_EVENT, EnrollmentResult, EnrollmentStatus, token_fingerprint
+from warden.provisioning import (
+    CONFLICT_EVENT,
+    EnrollmentPlan,
+    EnrollmentResult,
+    EnrollmentStatus,
+    token_fingerprint,
+)
 from warden.registry import CertificateRecord, CertificateStatus, DeviceState
 
 FLEET = "fleet.acme.test"
@@ -963,3 +969,135 @@ def test_a_group_cannot_onboard_a_device_enrolled_individually(env: Env) -> None
         onboard(env.hub, env.maker.idevid("dev-1"), "dev-1")
     assert env.hub.devices.get_device("dev-1").onboarding_fingerprint is None
     assert onboard(env.hub, pinned, "dev-1").device_id == "dev-1"
+
+
+# -- planning an enrollment on the event loop, without the database -----------------------------------------------
+
+
+def plan_nowait(env: Env, onboarding: Issued | x509.Certificate, csr: bytes) -> EnrollmentPlan | None:
+    certificate = onboarding.certificate if isinstance(onboarding, Issued) else onboarding
+    return env.hub.provisioning.plan_with_certificate_nowait(der(certificate), csr, source=SOURCE)
+
+
+def plan(env: Env, onboarding: Issued | x509.Certificate, csr: bytes) -> EnrollmentPlan:
+    certificate = onboarding.certificate if isinstance(onboarding, Issued) else onboarding
+    return env.hub.provisioning.plan_with_certificate(der(certificate), csr, source=SOURCE)
+
+
+def test_planning_without_the_database_needs_a_fresh_trust_view(env: Env) -> None:
+    add_group(env, tags={"site": "berlin"})
+    env.hub.provisioning.forget_caches()  # as the server does when the trust material changed
+    before = audit_count(env.hub)
+    idevid = {d: env.maker.idevid(d) for d in ("dev-1", "dev-2", "dev-3")}
+    csr = {d: csr_der(d)[0] for d in idevid}
+
+    assert plan_nowait(env, idevid["dev-2"], csr["dev-2"]) is None  # the trust view must be read first
+    first = plan(env, idevid["dev-1"], csr["dev-1"])  # reads (and caches) it
+    assert first.device_id == "dev-1"
+    planned = plan_nowait(env, idevid["dev-2"], csr["dev-2"])
+    assert isinstance(planned, EnrollmentPlan)
+    assert planned.device_id == "dev-2"
+    # Planning wrote nothing.
+    assert audit_count(env.hub) == before
+    assert device_ids(env.hub) == []
+
+    result = env.hub.provisioning.complete(planned)
+    assert result.device_id == "dev-2"
+    assert result.chain == (env.hub.ca_info().issuing, env.hub.ca_info().root)
+    result.issued.certificate.verify_directly_issued_by(env.hub.ca_info().issuing)
+    assert result.issued.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "dev-2"
+    device = env.hub.devices.get_device("dev-2")
+    assert device.state is DeviceState.ACTIVE
+    assert dict(device.tags) == {"site": "berlin"}
+    assert device.onboarding_fingerprint == fingerprint(idevid["dev-2"].certificate)
+    [onboarded] = records(env.hub, "enrollment.enroll", target="device:dev-2", outcome="success")
+    assert onboarded.details["enrollment_group"] == "line-1"
+    assert [c.serial for c in device_certificates(env.hub)] == [result.issued.record.serial]
+
+    # The first plan, made by the blocking path, completes as well.
+    assert env.hub.provisioning.complete(first).device_id == "dev-1"
+    assert device_ids(env.hub) == ["dev-1", "dev-2"]
+
+    # The cached view lasts 2 s of the hub's clock.
+    env.clock.advance(dt.timedelta(seconds=1))
+    assert plan_nowait(env, idevid["dev-3"], csr["dev-3"]) is not None
+    env.clock.advance(dt.timedelta(seconds=1))
+    assert plan_nowait(env, idevid["dev-3"], csr["dev-3"]) is None
+    plan(env, idevid["dev-3"], csr["dev-3"])
+    assert plan_nowait(env, idevid["dev-3"], csr["dev-3"]) is not None
+    # A change of the groups through this hub drops the view too.
+    add_group(env, "line-2")
+    assert plan_nowait(env, idevid["dev-3"], csr["dev-3"]) is None
+    assert device_ids(env.hub) == ["dev-1", "dev-2"]
+
+
+def test_planning_without_the_database_for_an_individual_enrollment(env: Env) -> None:
+    pinned = self_signed(env.tmp, "factory-unit-9")
+    env.hub.provisioning.add_certificate_enrollment("dev-9", certificate_pem=pinned.pem, actor="admin")
+    csr = csr_der("dev-9")[0]
+    assert plan_nowait(env, pinned, csr) is None  # adding the enrollment dropped the cached view
+    plan(env, pinned, csr)
+    planned = plan_nowait(env, pinned, csr)
+    assert planned is not None
+    assert planned.device_id == "dev-9"
+    assert env.hub.provisioning.complete(planned).device_id == "dev-9"
+    assert env.hub.devices.get_device("dev-9").state is DeviceState.ACTIVE
+
+
+_REFUSED_BEFORE_THE_WRITE = ["names-another-device", "untrusted", "expired", "operational", "unreadable-csr"]
+
+
+@pytest.mark.parametrize("problem", _REFUSED_BEFORE_THE_WRITE)
+def test_a_refusal_is_left_to_the_blocking_path_and_audited_once(env: Env, problem: str) -> None:
+    add_group(env)
+    # Warm the trust view, and onboard dev-0 (its operational certificate is one of the refused requests).
+    warm = plan(env, env.maker.idevid("dev-0"), csr_der("dev-0")[0])
+    operational = env.hub.provisioning.complete(warm).issued.certificate
+    assert plan_nowait(env, env.maker.idevid("dev-1"), csr_der("dev-1")[0]) is not None  # the view is warm
+
+    now = dt.datetime.now(dt.UTC)
+    onboarding: x509.Certificate = env.maker.idevid("dev-1").certificate
+    csr = csr_der("dev-1")[0]
+    expected: type[WardenError] = IssuanceRefusedError
+    target = "est:simpleenroll"
+    if problem == "names-another-device":
+        csr, target = csr_der("dev-2")[0], "device:dev-1"
+    elif problem == "untrusted":
+        onboarding = ManufacturerCA(env.tmp / "stranger", name="Someone Else CA").idevid("dev-1").certificate
+    elif problem == "expired":
+        onboarding = env.maker.idevid(
+            "dev-1", not_before=now - dt.timedelta(days=10), not_after=now - dt.timedelta(days=1)
+        ).certificate
+    elif problem == "operational":
+        onboarding, csr = operational, csr_der("dev-0")[0]
+    else:
+        csr, target, expected = b"\x30\x03\x02\x01\x00", "device:dev-1", CSRRejectedError
+
+    before = audit_count(env.hub)
+    assert plan_nowait(env, onboarding, csr) is None
+    assert plan_nowait(env, onboarding, csr) is None
+    assert audit_count(env.hub) == before  # a refusal writes its audit record: not on the event loop
+
+    with pytest.raises(expected):
+        plan(env, onboarding, csr)
+    added = audit(env.hub)[before:]
+    assert [(r.action, r.target, r.outcome) for r in added] == [("enrollment.enroll", target, "denied")]
+    assert added[0].details["source"] == SOURCE
+    assert device_ids(env.hub) == ["dev-0"]
+
+
+def test_a_refusal_of_the_issuing_transaction_is_planned_and_refused_by_the_write(env: Env) -> None:
+    """The deny list is checked by the gate, with the group's row read in the issuing transaction: planning on the
+    loop passes, and the write refuses and audits."""
+    add_group(env, deny=["dev-1"])
+    plan(env, env.maker.idevid("dev-0"), csr_der("dev-0")[0])  # warms the trust view
+    before = audit_count(env.hub)
+    planned = plan_nowait(env, env.maker.idevid("dev-1"), csr_der("dev-1")[0])
+    assert planned is not None
+    assert audit_count(env.hub) == before
+    with pytest.raises(IssuanceRefusedError, match="deny list"):
+        env.hub.provisioning.complete(planned)
+    added = audit(env.hub)[before:]
+    assert [(r.action, r.target, r.outcome) for r in added] == [("enrollment.enroll", "device:dev-1", "denied")]
+    assert device_ids(env.hub) == []
+    assert device_certificates(env.hub) == []
