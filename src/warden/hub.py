@@ -212,9 +212,7 @@ class Hub:
             mirror=CheckpointMirror(settings.data_dir / "audit" / "checkpoints.jsonl"),
             every=settings.audit_checkpoint_every,
         )
-        self._committer: GroupCommitter | LoopCommitter | None = (
-            GroupCommitter(self.db, linger=self.settings.commit_linger_ms / 1000) if group_commit else None
-        )
+        self._committer: GroupCommitter | LoopCommitter | None = GroupCommitter(self.db) if group_commit else None
         self.devices = DeviceService(transactions=self.db.transaction, audit=self.audit, clock=self.clock)
         self.certificates = CertificateService(
             transactions=self.db.transaction,

@@ -65,7 +65,7 @@ def create_app(
             ),
         ]
     )
-    # Issuing threads waiting on the group committer: enough to fill its batches, bounded.
+    # Worker threads for EST requests that must plan (or write) where they may block: bounded.
     app.state.issue_limiter = anyio.CapacityLimiter(256)
     chain = hub.provisioning.chain
     app.state.cacerts = certs_only(chain)
