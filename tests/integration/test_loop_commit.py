@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy.engine import make_url
 
 from tests.hubserver import ManufacturerCA, csr_der
-from warden.core import AlreadyExistsError
+from warden.core import AlreadyExistsError, StorageError
 from warden.hub import Hub
 from warden.provisioning import EnrollmentPlan, EnrollmentResult
 from warden.registry import CertificateStatus, DeviceGroup, DeviceState, RegistryUnitOfWork
-from warden.store import Database, LoopCommitter, UnitOfWork
+from warden.store import Database, DatabaseBusyError, LoopCommitter, UnitOfWork
 
 NOW = dt.datetime(2026, 11, 24, tzinfo=dt.UTC)
 SOURCE = "192.0.2.9"
@@ -242,6 +245,232 @@ def test_a_busy_loop_committer_lingers_for_more_items(database: Database) -> Non
     assert results == [f"added l-{i}" for i in range(30)]
     assert committer.requests == 31
     assert committer.commits - 1 <= 5, f"{committer.commits - 1} commits for 30 items"
+
+
+# -- another writer holds the lock; shutting down -------------------------------------------------------------
+
+
+class WriteLock:
+    """SQLite's write lock, held by a plain ``sqlite3`` connection of its own (as a CLI command or another process
+    would hold it) from ``with`` until :meth:`release`. A guard releases it after ``guard`` seconds whatever happens:
+    a caller that waits for the lock in SQLite's busy handler (what these tests look for) then fails its test instead
+    of hanging it for the 60 s busy timeout."""
+
+    def __init__(self, database: Database, *, guard: float = 2.0) -> None:
+        path = make_url(database.url).database
+        assert path
+        self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._mutex = threading.Lock()
+        self._held = False
+        self.guard_fired = False
+        self._timer = threading.Timer(guard, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> WriteLock:
+        self._connection.execute("BEGIN IMMEDIATE")
+        self._held = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        self.release()
+        self._connection.close()
+
+    def _expire(self) -> None:
+        self.guard_fired = True
+        self.release()
+
+    def release(self) -> bool:
+        """Give the lock up; False if it was not held any more."""
+        with self._mutex:
+            if not self._held:
+                return False
+            self._held = False
+            self._connection.execute("ROLLBACK")
+            return True
+
+
+def wait_until_handed_over(committer: LoopCommitter) -> None:
+    """Until a thread's ``run`` has registered its work (the committer offers no public sign of it)."""
+    deadline = time.monotonic() + 2
+    while not committer._foreign:
+        assert time.monotonic() < deadline, "the thread never handed its work over"
+        time.sleep(0.001)
+
+
+def outcome_of(call: Callable[[], object]) -> object:
+    try:
+        return call()
+    except Exception as e:
+        return e
+
+
+def test_a_write_lock_held_elsewhere_does_not_block_the_loop(database: Database) -> None:
+    async def main() -> tuple[int, tuple[bool, list[bool], list[int], int], bool, list[str], str, FutureSink, int]:
+        loop = asyncio.get_running_loop()
+        committer = LoopCommitter(database, loop)
+        sink = FutureSink(loop)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        with WriteLock(database) as lock:
+            first = submit(committer, sink, "w-0")
+            await asyncio.sleep(0.25)
+            later = [submit(committer, sink, f"w-{i}") for i in (1, 2)]  # they join the batch that waits
+            await asyncio.sleep(0.25)
+            ticks_while_held = ticks
+            before_release = (first.done(), [f.done() for f in later], list(sink.calls), committer.commits)
+            released = lock.release()
+            assert not lock.guard_fired
+        results = list(await asyncio.wait_for(asyncio.gather(first, *later), 2))
+        after_results = committer.commits
+        # Back to normal once the lock is free: the next item is committed at the next turn.
+        next_one = await asyncio.wait_for(submit(committer, sink, "w-3"), 2)
+        ticker.cancel()
+        return ticks_while_held, before_release, released, results, next_one, sink, after_results
+
+    ticks, before_release, released, results, next_one, sink, commits = asyncio.run(main())
+    # A loop stuck in SQLite's busy handler would not have ticked at all (or once) in the half second.
+    assert ticks >= 10, f"the loop ticked {ticks} times while another connection held the write lock"
+    assert before_release == (False, [False, False], [], 0)  # nothing committed or told while the lock was held
+    assert released  # by the test, not by the guard
+    assert results == ["added w-0", "added w-1", "added w-2"]
+    assert commits == 1
+    assert next_one == "added w-3"
+    assert sink.calls == [3, 1]
+    assert group_names(database) == ["w-0", "w-1", "w-2", "w-3"]
+
+
+def test_close_commits_work_a_thread_handed_over_after_the_loop_closed(database: Database) -> None:
+    async def make() -> LoopCommitter:
+        return LoopCommitter(database, asyncio.get_running_loop())
+
+    committer = asyncio.run(make())  # its loop is closed once asyncio.run returns
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(outcome_of(lambda: committer.run(add_groups, "late"))))
+    thread.start()
+    try:
+        wait_until_handed_over(committer)
+        thread.join(timeout=0.1)
+        # The closed loop could not take the work: the thread waits (it did not fail), and nothing is recorded.
+        assert thread.is_alive()
+        assert outcome == []
+        assert group_names(database) == []
+        committer.close()
+    finally:
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert outcome == ["added late"]
+    assert (committer.commits, committer.requests) == (1, 1)
+    assert group_names(database) == ["late"]
+
+
+def test_close_commits_thread_work_the_loop_never_took_and_the_loop_does_not_record_it_again(
+    database: Database,
+) -> None:
+    loop = asyncio.new_event_loop()
+    outcome: list[object] = []
+    try:
+        committer = LoopCommitter(database, loop)  # this thread's loop, which does not run
+        thread = threading.Thread(
+            target=lambda: outcome.append(outcome_of(lambda: committer.run(add_groups, "queued")))
+        )
+        thread.start()
+        try:
+            wait_until_handed_over(committer)
+            committer.close()
+        finally:
+            thread.join(timeout=5)
+        assert not thread.is_alive()
+        assert outcome == ["added queued"]
+        # The loop runs the hand-over the thread scheduled at last: close() took that work, nothing is added.
+        loop.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        loop.close()
+    assert (committer.commits, committer.requests) == (1, 1)
+    assert group_names(database) == ["queued"]
+
+
+def test_a_closed_loop_committer_refuses_writes_and_submit_is_for_the_loop_thread(database: Database) -> None:
+    async def main() -> tuple[object, tuple[int, int], object, LoopCommitter, FutureSink]:
+        loop = asyncio.get_running_loop()
+        committer = LoopCommitter(database, loop)
+        sink = FutureSink(loop)
+        token = loop.create_future()
+        wrong_thread = await loop.run_in_executor(
+            None, outcome_of, lambda: committer.submit(add_groups, "elsewhere", sink, token)
+        )
+        await asyncio.sleep(0.01)
+        open_counts = (committer.commits, committer.requests)
+
+        committer.close()
+        with pytest.raises(StorageError, match="shut down"):
+            committer.submit(add_groups, "after-close", sink, loop.create_future())
+        late_run = await loop.run_in_executor(None, outcome_of, lambda: committer.run(add_groups, "after-close-run"))
+        await asyncio.sleep(0.01)
+        return wrong_thread, open_counts, late_run, committer, sink
+
+    wrong_thread, open_counts, late_run, committer, sink = asyncio.run(main())
+    assert isinstance(wrong_thread, RuntimeError)
+    assert "loop's own thread" in str(wrong_thread)
+    assert open_counts == (0, 0)  # the refused item was not queued
+    assert isinstance(late_run, StorageError)
+    assert "shut down" in str(late_run)
+    assert (committer.commits, committer.requests) == (0, 0)
+    assert sink.calls == []
+    assert group_names(database) == []
+
+
+def test_a_nowait_transaction_fails_at_once_while_another_connection_holds_the_lock(database: Database) -> None:
+    assert issubclass(DatabaseBusyError, StorageError)
+    with database.transaction(nowait=True) as uow:  # a free lock: an ordinary transaction
+        add_groups(uow, ["free"])
+
+    ran: list[bool] = []
+
+    def write() -> None:
+        with database.transaction(nowait=True) as uow:
+            ran.append(True)
+            add_groups(uow, ["never"])
+
+    with WriteLock(database) as lock:
+        with pytest.raises(DatabaseBusyError, match="write lock"):
+            write()
+        assert not lock.guard_fired
+    assert ran == []  # raised before the block
+
+    # The pooled connection's busy timeout is back ...
+    with database.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 60000
+
+    # ... so an ordinary transaction waits for a writer that holds the lock instead of failing with "locked".
+    taken, released = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with WriteLock(database) as lock:
+            taken.set()
+            time.sleep(0.3)
+            released.set()
+            lock.release()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(2)
+        with database.transaction() as uow:
+            add_groups(uow, ["after"])
+        assert released.is_set()  # it got the lock only once the holder gave it up
+    finally:
+        holder.join(timeout=5)
+    assert not holder.is_alive()
+    assert group_names(database) == ["after", "free"]
 
 
 # -- the hub ------------------------------------------------------------------------------------------------------

@@ -2,7 +2,24 @@
 registry, the audit log, provisioning and the policy context; leader locks for singleton jobs. SQLAlchemy and
 Alembic are used nowhere else."""
 
-from warden.store._db import SCHEMA_REVISION, CommitSink, Database, GroupCommitter, LeaderLock, LoopCommitter
+from warden.store._db import (
+    SCHEMA_REVISION,
+    CommitSink,
+    Database,
+    DatabaseBusyError,
+    GroupCommitter,
+    LeaderLock,
+    LoopCommitter,
+)
 from warden.store._repos import UnitOfWork
 
-__all__ = ["SCHEMA_REVISION", "CommitSink", "Database", "GroupCommitter", "LeaderLock", "LoopCommitter", "UnitOfWork"]
+__all__ = [
+    "SCHEMA_REVISION",
+    "CommitSink",
+    "Database",
+    "DatabaseBusyError",
+    "GroupCommitter",
+    "LeaderLock",
+    "LoopCommitter",
+    "UnitOfWork",
+]

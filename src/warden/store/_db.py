@@ -34,7 +34,15 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemy
 from warden.core import AlreadyExistsError, ConfigurationError, StorageError, WardenError
 from warden.store._repos import UnitOfWork
 
-__all__ = ["SCHEMA_REVISION", "CommitSink", "Database", "GroupCommitter", "LeaderLock", "LoopCommitter"]
+__all__ = [
+    "SCHEMA_REVISION",
+    "CommitSink",
+    "Database",
+    "DatabaseBusyError",
+    "GroupCommitter",
+    "LeaderLock",
+    "LoopCommitter",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -138,23 +146,31 @@ class Database:
                 del self._leaders[lock.name]
 
     @contextlib.contextmanager
-    def transaction(self, *, readonly: bool = False) -> Iterator[UnitOfWork]:
-        """A unit of work: commits when the block ends normally, rolls back on any exception."""
+    def transaction(self, *, readonly: bool = False, nowait: bool = False) -> Iterator[UnitOfWork]:
+        """A unit of work: commits when the block ends normally, rolls back on any exception. ``nowait`` (SQLite):
+        raise :class:`DatabaseBusyError` at once, before the block runs, when another connection holds the write
+        lock, instead of waiting for it."""
         callbacks: list[Callable[[], None]] = []
+        began = False
         try:
             with self.engine.connect() as connection:
+                if nowait and self.is_sqlite and not readonly:
+                    connection = connection.execution_options(warden_nowait=True)
                 if readonly:
                     connection = connection.execution_options(warden_readonly=True)
                     if not self.is_sqlite:
                         # One snapshot for the whole read (audit verify reads head, records and checkpoints).
                         connection = connection.execution_options(isolation_level="REPEATABLE READ")
                 with connection.begin():
+                    began = True
                     uow = UnitOfWork(connection, is_sqlite=self.is_sqlite)
                     yield uow
                     callbacks = uow.callbacks
         except IntegrityError as e:
             raise _integrity_error(e) from e
         except DBAPIError as e:
+            if nowait and not began and "locked" in _short(e).lower():
+                raise DatabaseBusyError("another connection holds the database's write lock") from e
             raise StorageError(f"the database failed: {_short(e)}", hint=_hint(self.url)) from e
         except SQLAlchemyError as e:
             raise StorageError(f"the database failed: {_short(e)}") from e
@@ -315,8 +331,19 @@ def _install_sqlite_hooks(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        readonly = connection.get_execution_options().get("warden_readonly", False)
-        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        options = connection.get_execution_options()
+        if options.get("warden_readonly", False):
+            connection.exec_driver_sql("BEGIN")
+        elif options.get("warden_nowait", False):
+            # Take the write lock only if it is free now: the loop committer must not sleep in SQLite's busy
+            # handler while a CLI command or a job holds the lock (it retries later instead).
+            connection.exec_driver_sql("PRAGMA busy_timeout=0")
+            try:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            finally:
+                connection.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_PRAGMAS['busy_timeout']}")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _short(e: Exception) -> str:
@@ -374,6 +401,10 @@ class _Work:
             self.done.release()
 
 
+class DatabaseBusyError(StorageError):
+    """A ``nowait`` transaction found the write lock taken; nothing was done."""
+
+
 class _RetryBatchError(Exception):
     """The fast attempt at a batch failed: it is rolled back and recorded again with savepoints."""
 
@@ -392,7 +423,9 @@ class _Committer:
         self.commits = 0
         self.requests = 0
 
-    def _commit(self, batch: list[_Work]) -> None:
+    def _commit(self, batch: list[_Work], *, nowait: bool = False) -> bool:
+        """Record ``batch`` and tell its callers; False when ``nowait`` found the write lock taken (then nothing
+        was done and nobody was told: the caller tries again later)."""
         groups: dict[Callable[[UnitOfWork, Sequence[Any]], Sequence[Any]], list[_Work]] = {}
         for work in batch:
             groups.setdefault(work.fn, []).append(work)
@@ -401,7 +434,7 @@ class _Committer:
             try:
                 # Fast path, no savepoints. Any failure rolls the whole attempt back (nothing of it was committed
                 # or returned) and the batch is recorded again below, a savepoint per group and per item if need be.
-                with self._db.transaction() as uow:
+                with self._db.transaction(nowait=nowait) as uow:
                     for fn, works in groups.items():
                         try:
                             results = fn(uow, [w.item for w in works])
@@ -412,9 +445,11 @@ class _Committer:
                         outcomes.extend((w, True, r) for w, r in zip(works, results, strict=True))
             except _RetryBatchError:
                 outcomes = []
-                with self._db.transaction() as uow:
+                with self._db.transaction(nowait=nowait) as uow:
                     for fn, works in groups.items():
                         outcomes.extend(_run_group(uow, fn, works))
+        except DatabaseBusyError:
+            return False
         except Exception as e:  # the commit itself failed: nobody's work is durable
             outcomes = [(work, False, e) for work in batch]
         else:
@@ -430,6 +465,7 @@ class _Committer:
                 sink.deliver(delivered)
             except Exception:  # a sink that cannot take its results must not stop the committer
                 log.exception("a commit sink failed")
+        return True
 
 
 def _wait(work: _Work) -> Any:
@@ -521,19 +557,40 @@ class LoopCommitter(_Committer):
         self._pending: list[_Work] = []
         self._timer: asyncio.Handle | None = None
         self._last_commit = -1.0
+        self._busy_delay = 0.0
+        # Work from other threads on its way into the loop: close() commits what the loop never took.
+        self._lock = threading.Lock()
+        self._foreign: set[_Work] = set()
+        self._closed = False
 
     def run(self, fn: Callable[[UnitOfWork, Sequence[T]], Sequence[R]], item: T) -> R:
         if threading.get_ident() == self._loop_thread:
             raise RuntimeError("LoopCommitter.run would block its own event loop; use submit")
         work = _Work(fn, item)
-        self._loop.call_soon_threadsafe(self._add, work)
+        with self._lock:
+            if self._closed:
+                raise StorageError("the hub's writer has shut down")
+            self._foreign.add(work)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: close() commits the work
+            self._loop.call_soon_threadsafe(self._take, work)
         result: R = _wait(work)
         return result
+
+    def _take(self, work: _Work) -> None:
+        with self._lock:
+            if work not in self._foreign:
+                return  # close() took it
+            self._foreign.discard(work)
+        self._add(work)
 
     def submit(
         self, fn: Callable[[UnitOfWork, Sequence[T]], Sequence[R]], item: T, sink: CommitSink, token: object
     ) -> None:
         """Queue ``item`` (from the loop's thread); ``sink`` hears of it once its batch has committed or failed."""
+        if threading.get_ident() != self._loop_thread:
+            raise RuntimeError("LoopCommitter.submit is for the loop's own thread; other threads use run")
+        if self._closed:
+            raise StorageError("the hub's writer has shut down")
         self._add(_Work(fn, item, sink, token))
 
     def _add(self, work: _Work) -> None:
@@ -547,18 +604,29 @@ class LoopCommitter(_Committer):
             else:
                 self._timer = self._loop.call_soon(self._flush)
 
-    def _flush(self) -> None:
+    def _flush(self, *, wait: bool = False) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         batch, self._pending = self._pending, []
-        if batch:
-            self._commit(batch)
+        if batch and not self._commit(batch, nowait=not wait):
+            # Another writer (a CLI command, a job's thread) holds SQLite's write lock: try again shortly rather
+            # than stall every connection of the loop in SQLite's busy handler.
+            self._pending = batch + self._pending
+            self._busy_delay = min(self._busy_delay * 2, 0.05) if self._busy_delay else 0.002
+            self._timer = self._loop.call_later(self._busy_delay, self._flush)
+            return
+        self._busy_delay = 0.0
         self._last_commit = time.monotonic()
 
     def close(self) -> None:
-        """Commit what is pending (call it from the loop's thread, or once the loop has stopped)."""
-        self._flush()
+        """Commit what is pending, waiting for the write lock if need be (call it from the loop's thread, or once
+        the loop has stopped). Later writes are refused."""
+        with self._lock:
+            self._closed = True
+            stranded, self._foreign = list(self._foreign), set()
+        self._pending.extend(stranded)
+        self._flush(wait=True)
 
 
 def _run_group(
