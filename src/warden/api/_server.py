@@ -33,7 +33,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from warden.api._app import create_app
 from warden.api._logging import configure_logging
 from warden.api._metrics import Metrics
-from warden.core import ConfigurationError, Settings
+from warden.core import TLS12_CIPHERS, ConfigurationError, Settings
 from warden.hub import Hub
 from warden.store import LeaderLock
 
@@ -41,7 +41,6 @@ __all__ = ["TlsContexts", "WardenHttpProtocol", "prepare", "serve"]
 
 log = logging.getLogger("warden.server")
 
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 # TLS alert descriptions (RFC 8446 section 6) the hub sends when it refuses a handshake.
 _ALERTS = {

@@ -5,6 +5,7 @@ from warden.core.errors import (
     AlreadyExistsError,
     AuditIntegrityError,
     AuthenticationError,
+    BrokerError,
     ConfigurationError,
     CSRRejectedError,
     IllegalTransitionError,
@@ -31,9 +32,12 @@ from warden.core.ids import (
 )
 from warden.core.limits import DEFAULT_LIMITS, Limits
 from warden.core.settings import SETTINGS_FILE, Settings, load_settings, resolve_data_dir, write_settings_file
+from warden.core.tls import TLS12_CIPHERS, TLS13_CIPHERSUITES
 from warden.core.tokens import Token, new_token, split_token, token_mac, verify_mac
 
 __all__ = [
+    "TLS12_CIPHERS",
+    "TLS13_CIPHERSUITES",
     "DEFAULT_LIMITS",
     "RESERVED_DEVICE_IDS",
     "SETTINGS_FILE",
@@ -57,6 +61,7 @@ __all__ = [
     "PermissionDeniedError",
     "Random",
     "RateLimitedError",
+    "BrokerError",
     "Settings",
     "StorageError",
     "SystemClock",

@@ -141,3 +141,9 @@ class RateLimitedError(WardenError):
     def __init__(self, message: str, *, retry_after: float, hint: str | None = None, **context: object) -> None:
         super().__init__(message, hint=hint, **context)
         self.retry_after = retry_after
+
+
+class BrokerError(WardenError):
+    """The MQTT broker could not be started, refused a command or did not answer."""
+
+    exit_code = 13

@@ -1,0 +1,222 @@
+"""Running a local Mosquitto: the process, and the administration connection to it.
+
+The process gets an environment of its own (``PATH`` and ``LANG`` only): nothing of the hub's, such as a CA
+passphrase given in the environment, reaches the broker. Its log goes to a file in the broker's directory."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from warden.broker._dynsec import CONTROL_TOPIC, RESPONSE_TOPIC
+from warden.broker._rights import ADMIN_USERNAME
+from warden.core import BrokerError, ConfigurationError
+
+__all__ = ["BrokerAdmin", "MosquittoProcess", "find_dynsec_plugin", "find_mosquitto"]
+
+_PLUGIN_CANDIDATES = (
+    "/usr/lib/*/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/*/mosquitto_dynamic_security.so",
+)
+#: the largest dynsec answer the hub reads (a listing of every exception client is the biggest)
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+
+def find_mosquitto() -> str:
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+    )
+    if found is None:
+        raise ConfigurationError("mosquitto is not installed", hint="apt-get install mosquitto")
+    return found
+
+
+def find_dynsec_plugin() -> Path:
+    for pattern in _PLUGIN_CANDIDATES:
+        for match in sorted(glob.glob(pattern)):
+            return Path(match)
+    raise ConfigurationError(
+        "Mosquitto's dynamic security plugin (mosquitto_dynamic_security.so) was not found",
+        hint="install Mosquitto 2.0 or later from your distribution",
+    )
+
+
+class MosquittoProcess:
+    """One supervised ``mosquitto -c <config>``."""
+
+    def __init__(self, config_path: Path, log_path: Path, *, binary: str | None = None) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.binary = binary or find_mosquitto()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, *, host: str, port: int, admin_socket: Path, timeout: float = 15.0) -> None:
+        """Start the broker and wait until both listeners accept connections; a broker that exits or does not
+        get there in ``timeout`` seconds is a :class:`BrokerError` that quotes the end of its log."""
+        if self.running():
+            return
+        with contextlib.suppress(FileNotFoundError):
+            admin_socket.unlink()  # a stale socket of an earlier run: Mosquitto would fail to bind it
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"}
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [self.binary, "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise BrokerError(f"mosquitto exited at start (status {self._process.returncode}): {self._tail()}")
+            if _accepts(host, port) and admin_socket.exists():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"mosquitto did not start listening within {timeout:.0f} s: {self._tail()}")
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto reads its CRL, ACL file and certificates again (new connections see them)."""
+        if self._process is not None and self.running():
+            self._process.send_signal(signal.SIGHUP)
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def _tail(self, limit: int = 800) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - limit))
+                return f.read().decode("utf-8", "replace").strip().replace("\n", " | ")
+        except OSError:
+            return "(no log)"
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class BrokerAdmin:
+    """The hub's administration connection to the dynamic security plugin, over the broker's unix socket.
+
+    :meth:`execute` sends a list of commands in one message and waits for the plugin's answer: the broker runs
+    them back to back on its only thread, so no client's message is checked against a half-applied change."""
+
+    def __init__(self, socket_path: Path, password: str, *, timeout: float = 10.0) -> None:
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._answers: dict[bytes, Any] = {}
+        self._answered = threading.Condition()
+        self._counter = itertools.count(1)
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id="warden-admin",
+            protocol=mqtt.MQTTv5,
+            transport="unix",
+        )
+        client.username_pw_set(ADMIN_USERNAME, password)
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        self._client = client
+        try:
+            client.connect(str(socket_path), port=1883, keepalive=30)  # the port is unused on a unix socket
+        except OSError as e:
+            raise BrokerError(f"cannot reach the broker's admin socket {socket_path}: {e.strerror or e}") from None
+        client.loop_start()
+        if not self._connected.wait(timeout) or self._refused is not None:
+            self.close()
+            raise BrokerError(f"the broker refused the hub's admin login: {self._refused or 'no answer'}")
+        info = client.subscribe(RESPONSE_TOPIC, qos=1)
+        if info[0] != mqtt.MQTT_ERR_SUCCESS:
+            self.close()
+            raise BrokerError("cannot subscribe to the dynamic security answers")
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            self._refused = str(reason)
+        self._connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic != RESPONSE_TOPIC or len(message.payload) > MAX_RESPONSE_BYTES:
+            return
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            return
+        with self._answered:
+            for response in body.get("responses", []) if isinstance(body, dict) else []:
+                key = str(response.get("correlationData", "")).encode()
+                self._answers[key] = response
+            self._answered.notify_all()
+
+    def execute(self, commands: Sequence[dict[str, Any]], *, check: bool = True) -> list[dict[str, Any]]:
+        """Run ``commands`` in one message; their answers, in order. ``check``: an answer with an error raises
+        :class:`BrokerError` (naming the command), after all of them ran."""
+        if not commands:
+            return []
+        with self._lock:
+            keys = [f"w{next(self._counter)}" for _ in commands]
+            tagged = [{**c, "correlationData": k} for c, k in zip(commands, keys, strict=True)]
+            info = self._client.publish(CONTROL_TOPIC, json.dumps({"commands": tagged}), qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise BrokerError(f"cannot send commands to the broker ({mqtt.error_string(info.rc)})")
+            deadline = time.monotonic() + self._timeout
+            with self._answered:
+                while not all(k.encode() in self._answers for k in keys):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise BrokerError(f"the broker did not answer {len(commands)} admin command(s) in time")
+                    self._answered.wait(remaining)
+                answers = [self._answers.pop(k.encode()) for k in keys]
+        if check:
+            failed = [(c, a) for c, a in zip(commands, answers, strict=True) if a.get("error")]
+            if failed:
+                command, answer = failed[0]
+                raise BrokerError(f"the broker refused {command.get('command')}: {str(answer.get('error'))[:200]}")
+        return answers
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        self._client.loop_stop()
