@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -44,15 +45,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def mqtt_publish(base: list[str], topic: str, *, expect: int) -> None:
+    """Publish one QoS 1 message with mosquitto_pub and check the broker's PUBACK reason code (MQTT 5: 16 = accepted,
+    no subscriber yet; 135 = not authorized)."""
+    shown = " ".join([*base[:1], "...", "-t", topic])
+    print(f"    $ {shown}", flush=True)
+    result = subprocess.run([*base, "-t", topic, "-d"], capture_output=True, text=True, timeout=60)
+    codes = [line.rsplit("RC:", 1)[1].rstrip(")") for line in result.stdout.splitlines() if "PUBACK" in line]
+    meaning = {"16": "accepted", "0": "accepted", "135": "refused: not authorized"}
+    answer = meaning.get(codes[0], f"reason code {codes[0]}") if codes else "no answer (connection refused)"
+    print(f"      broker: {answer}", flush=True)
+    if (codes[0] if codes else None) != str(expect) and not (expect == 16 and codes and codes[0] == "0"):
+        print(f"demo failed: expected reason code {expect} on {topic}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 def hub_server_walkthrough(w: list[str], work: Path, data: Path) -> None:
     """Start `warden serve` and let devices onboard themselves over EST with curl, as a real device would."""
     port = free_port()
+    broker_port = free_port()
     url = f"https://hub.fleet.acme.test:{port}"
     curl = ["curl", "-sS", "--fail-with-body", "--resolve", f"hub.fleet.acme.test:{port}:127.0.0.1"]
     curl += ["--cacert", str(data / "ca" / "root-ca.pem")]
     step(f"Start the hub server (HTTPS only; it issues its own certificate for hub.fleet.acme.test) on port {port}")
     log = (work / "serve.log").open("wb")
-    server = subprocess.Popen([*w, "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "WARDEN_BROKER_PORT": str(broker_port)}
+    server = subprocess.Popen([*w, "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60
         while subprocess.run([*curl, f"{url}/healthz"], capture_output=True).returncode != 0:
@@ -93,6 +111,29 @@ def hub_server_walkthrough(w: list[str], work: Path, data: Path) -> None:
         run("openssl", "pkcs7", "-inform", "DER", "-in", str(work / "boiler-7b.p7"), "-print_certs",
             "-out", str(work / "boiler-7b.pem"))  # fmt: skip
         run("openssl", "x509", "-in", str(work / "boiler-7b.pem"), "-noout", "-serial")
+
+        step(f"The device talks MQTT to the hub's Mosquitto (mutual TLS, port {broker_port}): its own topics only")
+        pub = [
+            "mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker_port), "-V", "mqttv5",
+            "--cafile", str(data / "broker" / "ca.pem"), "--cert", str(work / "boiler-7b.pem"),
+            "--key", str(work / "boiler-7b.key"), "-q", "1", "-m", '{"temp": 21.5}',
+            "--insecure",  # the broker's name (broker.fleet.acme.test) does not resolve here; the chain is checked
+        ]  # fmt: skip
+        mqtt_publish(pub, "warden/boiler-7/telemetry", expect=16)
+        mqtt_publish(pub, "warden/boiler-8/telemetry", expect=135)
+        mqtt_publish(pub, "warden/boiler-7/commands", expect=135)
+
+        step("An operator quarantines the device through the API: only its health topic stays open, at once")
+        operator = json.loads(run(*w, "token", "create", "--role", "operator", "--expires", "1h", "--json").stdout)
+        run(*curl, "-H", f"Authorization: Bearer {operator['token']}", "-X", "POST", "-H",
+            "Content-Type: application/json", "--data", '{"state": "quarantined", "reason": "demo"}',
+            f"{url}/api/v1/devices/boiler-7/state")  # fmt: skip
+        mqtt_publish(pub, "warden/boiler-7/telemetry", expect=135)
+        mqtt_publish(pub, "warden/boiler-7/health", expect=16)
+        run(*curl, "-H", f"Authorization: Bearer {operator['token']}", "-X", "POST", "-H",
+            "Content-Type: application/json", "--data", '{"state": "active", "reason": "demo: released"}',
+            f"{url}/api/v1/devices/boiler-7/state")  # fmt: skip
+        mqtt_publish(pub, "warden/boiler-7/telemetry", expect=16)
 
         step("An operator uses the REST API with a token of the 'viewer' role; writing needs more")
         api = json.loads(run(*w, "token", "create", "--role", "viewer", "--expires", "1h", "--json").stdout)

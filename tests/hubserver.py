@@ -177,6 +177,8 @@ class HubServer:
     log_path: Path
     #: the CA that verifies the hub's TLS certificate, when it is not the hub's own root (operator-provided)
     trust: Path | None = None
+    #: the embedded broker's port (0: started without a broker)
+    broker_port: int = 0
 
     @property
     def url(self) -> str:
@@ -265,11 +267,14 @@ def start_hub(
     workers: int = 1,
     init: bool = True,
     trust: Path | None = None,
+    broker: bool = False,
 ) -> HubServer:
     """Initialise a data directory (unless ``init`` is False) and start ``warden serve`` on a free port; returns
-    once ``/healthz`` answers."""
+    once ``/healthz`` answers. ``broker``: with its embedded Mosquitto on another free port (``broker_port``),
+    else without one."""
     data_dir = base / "hub"
     port = free_port()
+    broker_port = free_port() if broker else 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("WARDEN_")}
     env.update(
         {
@@ -278,8 +283,11 @@ def start_hub(
             "WARDEN_ANONYMOUS_AUDITS_PER_MINUTE": "100000",
             "WARDEN_LOG_LEVEL": "info",
             "PYTHONUNBUFFERED": "1",
+            "WARDEN_BROKER": "local" if broker else "off",
         }
     )
+    if broker:
+        env["WARDEN_BROKER_PORT"] = str(broker_port)
     if database_url:
         env["WARDEN_DATABASE_URL"] = database_url
     env.update(extra_env or {})
@@ -326,7 +334,9 @@ def start_hub(
         stderr=subprocess.STDOUT,
     )
     log_file.close()
-    server = HubServer(data_dir=data_dir, port=port, env=env, process=process, log_path=log_path, trust=trust)
+    server = HubServer(
+        data_dir=data_dir, port=port, env=env, process=process, log_path=log_path, trust=trust, broker_port=broker_port
+    )
     deadline = time.monotonic() + 60
     while True:
         if process.poll() is not None:

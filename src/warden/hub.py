@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import pwd
 import secrets
 import shutil
 import stat
@@ -24,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from warden.broker import Access, BrokerLayout, LocalBroker
 from warden.core import (
     DEFAULT_LIMITS,
     AlreadyExistsError,
@@ -36,6 +38,7 @@ from warden.core import (
     Settings,
     SystemClock,
     SystemRandom,
+    WardenError,
     load_settings,
     validate_fleet_domain,
     write_settings_file,
@@ -58,7 +61,14 @@ from warden.pki import (
 )
 from warden.policy import TokenService
 from warden.provisioning import ProvisioningService
-from warden.registry import CertificateService, DeviceService, IssuancePolicy, RegistryUnitOfWork
+from warden.registry import (
+    CertificateRecord,
+    CertificateService,
+    DeviceService,
+    DeviceState,
+    IssuancePolicy,
+    RegistryUnitOfWork,
+)
 from warden.store import CommitSink, Database, GroupCommitter, LoopCommitter
 
 __all__ = ["Hub", "HubCA", "initialise"]
@@ -69,6 +79,14 @@ R = TypeVar("R")
 
 PASSPHRASE_FILE = "keys/ca-passphrase"  # noqa: S105 - a file name, not a secret
 TOKEN_KEY_FILE = "keys/token-mac.key"  # noqa: S105 - a file name, not a secret
+BROKER_ADMIN_FILE = "keys/broker-admin.secret"
+BROKER_DIR = "broker"
+#: the broker rights of a device in each registry state (active and pending devices: the ACL file's own topics)
+_BROKER_ACCESS = {
+    DeviceState.QUARANTINED: Access.QUARANTINED,
+    DeviceState.DISABLED: Access.DISABLED,
+    DeviceState.DECOMMISSIONED: Access.DISABLED,
+}
 SERVICE_CERT_FILE = "ca/service.pem"
 SERVICE_KEY_FILE = "keys/service.key.pem"
 HUB_CLIENT_CERT_FILE = "ca/hub-client.pem"
@@ -230,6 +248,7 @@ class Hub:
             random=self.random,
         )
         self._token_key: bytes | None = None
+        self._broker: LocalBroker | None = None
         self._provisioning: ProvisioningService | None = None
         self._tokens: TokenService | None = None
         self.identities = HubIdentities(self)
@@ -282,6 +301,126 @@ class Hub:
             self._token_key = key
         return self._token_key
 
+    # -- the embedded broker ----------------------------------------------------------------------------------
+
+    def broker_admin_password(self) -> str:
+        """The broker administrator's password (made on first use, mode 0600; only its hash reaches the broker)."""
+        path = self.settings.data_dir / BROKER_ADMIN_FILE
+        if not path.exists():
+            with contextlib.suppress(FileExistsError):
+                _create_exclusive(path, self.random.token_bytes(32).hex().encode("ascii") + b"\n")
+        if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigurationError(f"{path} is readable by others", hint=f"run 'chmod 600 {path}'")
+        text = read_limited(path, 256, what="the broker admin password").decode("ascii", "replace").strip()
+        if len(text) < 32:
+            raise ConfigurationError(f"{path} does not hold a broker admin password", hint="delete it to make one")
+        return text
+
+    def broker_exceptions(self) -> dict[str, Access]:
+        """Devices whose broker rights are not normal, from the registry's device states."""
+        return {
+            device.id: access
+            for state, access in _BROKER_ACCESS.items()
+            for device in self.devices.list_devices(state=state)
+        }
+
+    def local_broker(self) -> LocalBroker | None:
+        """The embedded broker (None when ``broker`` is not ``local``). It is started by :meth:`start_broker`; any
+        process of the hub may administer it."""
+        if self.settings.broker != "local":
+            return None
+        if self._broker is None:
+            self._broker = LocalBroker(
+                BrokerLayout(self.settings.data_dir / BROKER_DIR),
+                host=self.settings.broker_host,
+                port=self.settings.broker_port,
+                hub_client=f"hub.{self.settings.fleet_domain}",
+                admin_password=self.broker_admin_password,
+                exceptions=self.broker_exceptions,
+                user=pwd.getpwuid(os.getuid()).pw_name,
+            )
+        return self._broker
+
+    def start_broker(self, *, actor: str = "hub") -> LocalBroker | None:
+        """Start the embedded broker with a fresh certificate for ``broker.<fleet-domain>`` (its key, made here,
+        is written unencrypted into the broker's 0700 directory: Mosquitto cannot be given a passphrase), the CA
+        chain, the current CRL, and every device exception of the registry."""
+        broker = self.local_broker()
+        if broker is None:
+            return None
+        name = f"broker.{self.settings.fleet_domain}"
+        key = ec.generate_private_key(ec.SECP256R1())
+        issued = self.certificates.issue_service(names=(name,), csr=key_csr(key, name), actor=actor)
+        issuing = self.ca.files.read(ISSUING_KEY).public_bytes(serialization.Encoding.PEM)
+        broker.start(
+            chain_pem=self.chain_pem(),
+            certificate_pem=issued.pem + issuing,
+            key_pem=key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+            crl_pem=self._crl_pem(),
+        )
+        return broker
+
+    def _crl_pem(self) -> bytes:
+        crl = self.certificates.current_crl()
+        if crl is None:
+            self.certificates.publish_crl_if_due(actor="hub")
+            crl = self.certificates.current_crl()
+        assert crl is not None
+        return x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM)
+
+    def apply_device_access(self, device_id: str) -> bool:
+        """Give the device the broker rights of its registry state now (containment takes effect at once; a
+        device whose rights shrink is disconnected). False when no broker could be told: reconciliation repairs
+        that within a jobs interval."""
+        broker = self.local_broker()
+        if broker is None or not broker.is_up():
+            return False  # no broker runs: it gets the registry's exceptions when it starts
+        state = self.devices.get_device(device_id).state
+        try:
+            broker.set_access(device_id, _BROKER_ACCESS.get(state, Access.NORMAL))
+        except WardenError as e:
+            log.warning("the broker could not be told about device %s: %s", device_id, e.message)
+            return False
+        return True
+
+    def kick_device(self, device_id: str) -> bool:
+        """Disconnect the device's broker session (after a revocation: its reconnect then fails the handshake)."""
+        broker = self.local_broker()
+        if broker is None or not broker.is_up():
+            return False
+        try:
+            broker.kick(device_id)
+        except WardenError as e:
+            log.warning("the broker could not disconnect device %s: %s", device_id, e.message)
+            return False
+        return True
+
+    def after_revocation(self, record: CertificateRecord, *, actor: str) -> None:
+        """Cut a revoked certificate off now: a new CRL (published, and reloaded by the broker), then the device's
+        session is dropped, so its reconnect fails the handshake. The revocation has committed already: a failure
+        here is logged (the leader publishes within a second, reconciliation follows), never raised."""
+        try:
+            self.crl_job(actor=actor)
+        except WardenError as e:
+            log.warning("publishing the CRL after a revocation failed: %s", e.message)
+        if record.device_id is not None:
+            self.kick_device(record.device_id)
+
+    def reconcile_broker(self, *, actor: str = "hub") -> list[str]:
+        """Repair any drift between the broker and the registry; each repair is audited."""
+        broker = self.local_broker()
+        if broker is None or not broker.is_up():
+            return []
+        repairs = broker.reconcile()
+        if repairs:
+            with self.db.transaction() as uow:
+                self.audit.append(
+                    uow, *(AuditEvent(actor, "broker.repair", "broker", details={"repair": r}) for r in repairs)
+                )
+        return repairs
+
     def run_jobs(self, *, actor: str = "hub") -> list[str]:
         """The hub's own upkeep, run by the worker that holds the leader lock: publish a CRL before the current one
         is half-way to its nextUpdate, and renew the OCSP signer, service and hub-client certificates in the last
@@ -304,7 +443,14 @@ class Hub:
         every second, so a revocation made anywhere (CLI, API, another worker) is in the served CRL within about a
         second."""
         crl = self.certificates.publish_crl_if_due(actor=actor)
-        return [f"crl {crl.number}"] if crl is not None else []
+        if crl is None:
+            return []
+        broker = self.local_broker()
+        if broker is not None and broker.reload(
+            crl_pem=x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM)
+        ):
+            return [f"crl {crl.number}", "broker reloaded"]
+        return [f"crl {crl.number}"]
 
     @classmethod
     def open(

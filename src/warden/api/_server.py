@@ -33,6 +33,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from warden.api._app import create_app
 from warden.api._logging import configure_logging
 from warden.api._metrics import Metrics
+from warden.broker import LocalBroker
 from warden.core import TLS12_CIPHERS, ConfigurationError, Settings
 from warden.hub import Hub
 from warden.store import LeaderLock
@@ -219,6 +220,12 @@ async def _jobs_loop(hub: Hub, tls: TlsContexts, metrics: Metrics, wake: asyncio
         except Exception:
             metrics.jobs.labels("failed").inc()
             log.exception("singleton jobs failed")
+        try:
+            repairs = await loop.run_in_executor(None, hub.reconcile_broker)
+            if repairs:
+                log.warning("broker drift repaired", extra={"fields": {"repairs": repairs[:50]}})
+        except Exception:
+            log.exception("broker reconciliation failed")
         crl = await loop.run_in_executor(None, hub.certificates.current_crl)
         if crl is not None:
             metrics.crl_next_update.set(crl.next_update.timestamp())
@@ -288,6 +295,33 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, announce: C
                 "several workers need PostgreSQL", hint="SQLite runs one worker; set database_url to PostgreSQL"
             )
         prepare(hub)
+        # The embedded broker belongs to this process (the workers administer it over its socket).
+        broker = hub.start_broker()
+    # uvicorn ends its graceful shutdown by raising the signal it caught again, to the handler that was there
+    # before it: with Python's default one the process would die on the spot and leave the broker running.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        _listen(settings, host=host, port=port, workers=workers, announce=announce, broker=broker)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _listen(
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    announce: Callable[[str], None],
+    broker: LocalBroker | None,
+) -> None:
+    if broker is not None:
+        announce(f"broker (mosquitto) listening on mqtts://{broker.host}:{broker.port} (mutual TLS)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when the listening socket says
     # so, and without it a response written in two parts waits ~40 ms for the client's delayed ACK.

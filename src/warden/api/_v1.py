@@ -127,9 +127,9 @@ def get_device(request: Request, device_id: str) -> DeviceOut:
 
 @router.post("/devices/{device_id}/state", response_model=DeviceOut, **requires(Action.DEVICE_MANAGE), tags=["devices"])
 def change_state(request: Request, device_id: str, body: StateChangeIn) -> DeviceOut:
-    device = _hub(request).devices.change_state(
-        device_id, DeviceState(body.state), actor=_actor(request), reason=body.reason
-    )
+    hub = _hub(request)
+    device = hub.devices.change_state(device_id, DeviceState(body.state), actor=_actor(request), reason=body.reason)
+    hub.apply_device_access(device.id)  # containment at once; a broker that cannot be told is repaired later
     return DeviceOut.of(device)
 
 
@@ -189,10 +189,11 @@ def get_certificate(request: Request, serial: str) -> CertificateOut:
 def revoke_certificate(request: Request, serial: str, body: RevokeIn) -> CertificateOut:
     hub = _hub(request)
     record = hub.certificates.revoke(_serial(serial), reason=parse_reason(body.reason), actor=_actor(request))
-    # Relying parties learn of it at once: a new CRL is published now, not at the leader's next round. The
-    # revocation has committed: a failure to publish is logged (the leader retries every second), never a 500.
+    # Relying parties learn of it at once: a new CRL is published now (and the broker reloads it and drops the
+    # device's session), not at the leader's next round. The revocation has committed: a failure afterwards is
+    # logged (the leader retries every second), never a 500.
     try:
-        hub.crl_job(actor=_actor(request))
+        hub.after_revocation(record, actor=_actor(request))
     except Exception:
         log.exception("CRL publication after a revocation failed; the leader will retry")
     return CertificateOut.of(record)

@@ -11,6 +11,7 @@ from warden.broker._dynsec import (
     initial_state,
     state_exceptions,
 )
+from warden.broker._local import BrokerLayout, LocalBroker
 from warden.broker._mosquitto import BrokerAdmin, MosquittoProcess, find_dynsec_plugin, find_mosquitto
 from warden.broker._rights import ADMIN_USERNAME, acl_file, exception_role, role_name
 from warden.broker._topics import (
@@ -33,6 +34,8 @@ __all__ = [
     "TOPIC_ROOT",
     "Access",
     "BrokerAdmin",
+    "BrokerLayout",
+    "LocalBroker",
     "MosquittoConfig",
     "MosquittoProcess",
     "Rights",

@@ -14,7 +14,8 @@ from warden.core import TLS12_CIPHERS, TLS13_CIPHERSUITES, InvalidInputError
 
 __all__ = ["MosquittoConfig", "render_config"]
 
-_HOST = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 #: a unix socket's path must fit in sockaddr_un (108 bytes with the terminating NUL)
 _MAX_SOCKET_PATH = 107
@@ -54,15 +55,21 @@ def _path(value: Path, what: str) -> str:
     return text
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def render_config(config: MosquittoConfig) -> str:
     """``mosquitto.conf`` for ``config``: one mutual-TLS listener for devices and the hub, one unix-socket listener
     for administration, the ACL file for base rights and the dynamic security plugin for exceptions."""
-    if not _HOST.fullmatch(config.host):
-        raise InvalidInputError(f"invalid broker listen host {config.host[:100]!r}")
-    if ":" in config.host:
-        ipaddress.ip_address(config.host)
-    if not 0 < config.port < 65536:
-        raise InvalidInputError(f"invalid broker port {config.port}")
+    if not _is_ip(config.host) and not _HOST.fullmatch(config.host):
+        raise InvalidInputError(f"invalid broker listen host {config.host[:100]!r}", hint="an IP address or host name")
+    if not isinstance(config.port, int) or not 0 < config.port < 65536:
+        raise InvalidInputError(f"invalid broker port {config.port!r}")
     if not _USER.fullmatch(config.user):
         raise InvalidInputError(f"invalid account name for the broker {config.user[:40]!r}")
     socket_path = _path(config.admin_socket, "admin socket")
@@ -71,8 +78,11 @@ def render_config(config: MosquittoConfig) -> str:
             f"the broker's admin socket path is longer than {_MAX_SOCKET_PATH} bytes",
             hint="use a shorter data directory",
         )
-    if not 1024 <= config.max_packet_size <= 256 * 1024 * 1024:
-        raise InvalidInputError(f"invalid broker max_packet_size {config.max_packet_size}")
+    if not isinstance(config.max_packet_size, int) or not 1024 <= config.max_packet_size <= 256 * 1024 * 1024:
+        raise InvalidInputError(f"invalid broker max_packet_size {config.max_packet_size!r}")
+    # 0 would mean no limit to Mosquitto: a device offline for long would make it hold messages without end.
+    if not isinstance(config.max_queued_messages, int) or not 1 <= config.max_queued_messages <= 1_000_000:
+        raise InvalidInputError(f"invalid broker max_queued_messages {config.max_queued_messages!r}")
     lines = [
         "# Written by Warden; do not edit: the hub renders this file at every start.",
         f"user {config.user}",

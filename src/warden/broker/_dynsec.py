@@ -74,9 +74,9 @@ def initial_state(admin_password: str, exceptions: Mapping[str, Access]) -> str:
     ]
     roles: list[dict[str, Any]] = [_admin_role()]
     for device_id, access in sorted(exceptions.items()):
+        validate_device_id(device_id)
         if access is Access.NORMAL:
             continue
-        validate_device_id(device_id)
         roles.append(exception_role(device_id, access))
         clients.append({"username": device_id, "roles": [{"rolename": role_name(device_id)}]})
     state = {

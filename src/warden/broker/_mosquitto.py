@@ -6,6 +6,7 @@ passphrase given in the environment, reaches the broker. Its log goes to a file 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import itertools
 import json
@@ -90,6 +91,7 @@ class MosquittoProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -125,6 +127,17 @@ class MosquittoProcess:
                 return f.read().decode("utf-8", "replace").strip().replace("\n", " | ")
         except OSError:
             return "(no log)"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, have the kernel send it SIGTERM when the hub's process dies, even by
+    SIGKILL, so that no broker outlives its supervisor."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _accepts(host: str, port: int) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from warden.broker._topics import DEVICE_PUBLISHES, DEVICE_RECEIVES, TOPIC_ROOT, Access, device_topic, rights
-from warden.core import InvalidInputError, validate_dns_name
+from warden.core import InvalidInputError, validate_device_id, validate_dns_name
 
 __all__ = ["ADMIN_USERNAME", "acl_file", "exception_role", "role_name"]
 
@@ -56,6 +56,7 @@ def role_name(device_id: str) -> str:
 def exception_role(device_id: str, access: Access) -> dict[str, Any]:
     """The dynsec role of a device whose access is not normal: its allowed literal topics, then a deny of
     everything else so the plugin never defers to the ACL file's base rights."""
+    validate_device_id(device_id)
     if access is Access.NORMAL:
         raise InvalidInputError("normal access is the ACL file's, not an exception")
     allowed = rights(access)

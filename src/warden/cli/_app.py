@@ -375,7 +375,10 @@ def device_show(device_id: Annotated[str, typer.Argument(metavar="ID")], as_json
 
 
 def _transition(device_id: str, target: DeviceState, reason: str) -> None:
-    device = _hub().devices.change_state(device_id, target, actor=_actor(), reason=reason)
+    hub = _hub()
+    device = hub.devices.change_state(device_id, target, actor=_actor(), reason=reason)
+    # A running hub's broker applies it now (reconciliation would within a jobs interval).
+    hub.apply_device_access(device.id)
     typer.echo(f"device {device.id} is now {device.state}")
 
 
@@ -527,9 +530,11 @@ def cert_revoke(
     serial: str,
     reason: Annotated[str, typer.Option("--reason", help="RFC 5280 reason, e.g. keyCompromise, superseded.")],
 ) -> None:
-    """Revoke a certificate; publish a new CRL afterwards with 'warden crl'."""
+    """Revoke a certificate: a new CRL is published, a running broker reloads it and drops the device's session."""
     parsed = parse_reason(reason)
-    record = _hub().certificates.revoke(_parse_serial(serial), reason=parsed, actor=_actor())
+    hub = _hub()
+    record = hub.certificates.revoke(_parse_serial(serial), reason=parsed, actor=_actor())
+    hub.after_revocation(record, actor=_actor())
     typer.echo(f"revoked certificate {record.serial_hex} ({parsed})")
 
 

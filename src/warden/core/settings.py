@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     enrollment_token_days: int = Field(default=7, ge=1, le=365)
     #: how often background jobs (CRL, certificate renewal, trust store) run
     jobs_interval_seconds: float = Field(default=30.0, ge=0.5, le=3600)
+    #: the MQTT broker: "local" (warden serve starts and supervises a Mosquitto) or "off"
+    broker: Literal["local", "off"] = "local"
+    #: the local broker's mutual-TLS listener (devices and the hub's data connection)
+    broker_host: str = "127.0.0.1"
+    broker_port: int = Field(default=8883, ge=1, le=65535)
     #: under a stream of writes, how long the server's group commit on SQLite (in its event loop) keeps a batch open
     #: for more (each commit costs an fsync whatever it holds); 0 commits every batch at once
     commit_linger_ms: float = Field(default=6.0, ge=0, le=100)

@@ -1,0 +1,140 @@
+"""``warden serve`` with its embedded Mosquitto, end to end: a device onboards over EST, publishes on its own topics
+with ``mosquitto_pub``, is quarantined and released through the operator API, is cut off by a revocation, and the
+hub repairs a change made to the broker behind its back."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from tests.hubserver import HubServer, csr_der, start_hub
+from tests.integration._interop import Interop, eventually
+from warden.broker import Access, BrokerAdmin, access_commands
+
+pytestmark = pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="needs mosquitto-clients")
+
+NO_SUBSCRIBERS, NOT_AUTHORIZED = 16, 135
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[HubServer]:
+    server = start_hub(tmp_path, broker=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def enroll(hub: HubServer, device_id: str, work: Path) -> tuple[Path, Path, int]:
+    """Onboard ``device_id`` with a one-time token over EST; its certificate (with the issuing CA) and key files."""
+    token = json.loads(hub.warden("enrollment", "add", device_id, "--token", "--json").stdout)["token"]
+    csr, key = csr_der(device_id)
+    with hub.client() as client:
+        answer = client.post(
+            "/.well-known/est/simpleenroll",
+            content=base64.b64encode(csr),
+            headers={"Content-Type": "application/pkcs10", "Authorization": f"Bearer {token}"},
+        )
+        assert answer.status_code == 200, answer.text
+        cacerts = client.get("/.well-known/est/cacerts")
+    leaf = pkcs7.load_der_pkcs7_certificates(base64.b64decode(answer.content))[0]
+    issuing = pkcs7.load_der_pkcs7_certificates(base64.b64decode(cacerts.content))[0]
+    cert_path, key_path = work / f"{device_id}.pem", work / f"{device_id}.key"
+    cert_path.write_bytes(
+        leaf.public_bytes(serialization.Encoding.PEM) + issuing.public_bytes(serialization.Encoding.PEM)
+    )
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path, leaf.serial_number
+
+
+def publish(hub: HubServer, device: tuple[Path, Path, int], topic: str) -> int | None:
+    cert, key, _ = device
+    result = subprocess.run(
+        [
+            *("mosquitto_pub", "-h", "127.0.0.1", "-p", str(hub.broker_port), "-V", "mqttv5"),
+            *("--cafile", str(hub.data_dir / "broker" / "ca.pem"), "--cert", str(cert), "--key", str(key)),
+            # The broker's name (broker.<fleet-domain>) does not resolve here: the chain is verified, not the name.
+            *("--insecure", "-t", topic, "-m", "x", "-q", "1", "-d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    for line in result.stdout.splitlines():
+        if "received PUBACK" in line and "RC:" in line:
+            return int(line.rsplit("RC:", 1)[1].rstrip(")"))
+    return None
+
+
+def test_containment_and_revocation_through_the_hub(hub: HubServer, tmp_path: Path) -> None:
+    device = enroll(hub, "dev-a", tmp_path)
+    other = enroll(hub, "dev-b", tmp_path)
+    assert publish(hub, device, "warden/dev-a/telemetry") == NO_SUBSCRIBERS
+    assert publish(hub, device, "warden/dev-b/telemetry") == NOT_AUTHORIZED
+
+    admin = hub.client(headers={"Authorization": f"Bearer {hub.token('operator')}"})
+    security = hub.client(headers={"Authorization": f"Bearer {hub.token('security-admin')}"})
+    try:
+        answer = admin.post("/api/v1/devices/dev-a/state", json={"state": "quarantined", "reason": "test"})
+        assert answer.status_code == 200, answer.text
+        # Applied by the API call itself, not by the next reconciliation.
+        assert publish(hub, device, "warden/dev-a/telemetry") == NOT_AUTHORIZED
+        assert publish(hub, device, "warden/dev-a/health") == NO_SUBSCRIBERS
+
+        answer = admin.post("/api/v1/devices/dev-a/state", json={"state": "active", "reason": "test"})
+        assert answer.status_code == 200, answer.text
+        assert publish(hub, device, "warden/dev-a/telemetry") == NO_SUBSCRIBERS
+
+        serial = format(device[2], "x")
+        answer = security.post(f"/api/v1/certificates/{serial}/revoke", json={"reason": "keyCompromise"})
+        assert answer.status_code == 200, answer.text
+        eventually(
+            lambda: True if publish(hub, device, "warden/dev-a/telemetry") is None else None,
+            what="the revoked certificate to be refused by the broker",
+        )
+        assert publish(hub, other, "warden/dev-b/telemetry") == NO_SUBSCRIBERS
+    finally:
+        admin.close()
+        security.close()
+
+
+def test_the_hub_repairs_the_broker(hub: HubServer, tmp_path: Path) -> None:
+    device = enroll(hub, "dev-a", tmp_path)
+    password = (hub.data_dir / "keys" / "broker-admin.secret").read_text().strip()
+    admin = BrokerAdmin(hub.data_dir / "broker" / "admin" / "mosquitto.sock", password)
+    try:
+        # Behind the hub's back: dev-a is disabled on the broker, though the registry says it is active.
+        admin.execute(access_commands("dev-a", Access.DISABLED, known=False))
+        assert publish(hub, device, "warden/dev-a/telemetry") == NOT_AUTHORIZED
+        eventually(
+            lambda: True if publish(hub, device, "warden/dev-a/telemetry") == NO_SUBSCRIBERS else None,
+            what="reconciliation to remove the exception the registry does not have",
+        )
+    finally:
+        admin.close()
+    interop = Interop(hub, tmp_path / "interop")
+    try:
+        repairs = [r for r in interop.audit_after(0) if r["action"] == "broker.repair"]
+    finally:
+        interop.close()
+    assert any("dev-a" in json.dumps(r["details"]) for r in repairs), repairs
+
+
+def test_the_broker_stops_with_the_hub(tmp_path: Path) -> None:
+    server = start_hub(tmp_path, broker=True)
+    pid_file = server.data_dir / "broker" / "mosquitto.pid"
+    pid = int(eventually(lambda: pid_file.read_text().strip() or None, what="the broker's pid file"))
+    assert Path(f"/proc/{pid}").exists()
+    server.stop()
+    eventually(lambda: True if not Path(f"/proc/{pid}").exists() else None, what="mosquitto to exit")
