@@ -51,6 +51,8 @@ bench: setup
 	PYTHONPATH=. $(BIN)/python bench/enroll.py --seconds $(or $(BENCH_SECONDS),30)
 	PYTHONPATH=. $(BIN)/python bench/ocsp.py --seconds $(or $(BENCH_SECONDS),30)
 	PYTHONPATH=. $(BIN)/python bench/ratelimit.py --seconds $(or $(BENCH_SECONDS),30)
+	PYTHONPATH=. $(BIN)/python bench/broker_rights.py
+	PYTHONPATH=. $(BIN)/python bench/containment.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -21,7 +21,7 @@ from warden.broker._dynsec import access_commands, initial_state, state_exceptio
 from warden.broker._mosquitto import BrokerAdmin, MosquittoProcess, find_dynsec_plugin
 from warden.broker._rights import acl_file, exception_role, role_name
 from warden.broker._topics import Access
-from warden.core import BrokerError, InvalidInputError
+from warden.core import BrokerError, InvalidInputError, validate_device_id
 from warden.core.files import read_limited, write_file_atomic
 
 __all__ = ["BrokerLayout", "LocalBroker"]
@@ -215,10 +215,15 @@ class LocalBroker:
             for device, roles in state_exceptions({"clients": clients}).items()
         }
 
+    def _has_exception(self, device_id: str) -> bool:
+        """Whether the plugin holds a client for the device (one ``getClient``, not a listing of every client)."""
+        answer = self._execute([{"command": "getClient", "username": device_id}], check=False)[0]
+        return not answer.get("error")
+
     def set_access(self, device_id: str, access: Access) -> None:
         """Give ``device_id`` ``access`` now. A device whose rights shrink is disconnected, so its reconnect meets
         the new rules (Mosquitto 2.0's plugin does not cut a session when only a role's ACLs change)."""
-        known = device_id in self.exception_clients()
+        known = self._has_exception(device_id)
         if access is Access.NORMAL and not known:
             return
         commands = access_commands(device_id, access, known=known)
@@ -233,7 +238,8 @@ class LocalBroker:
     def kick(self, device_id: str) -> None:
         """Disconnect the device's session. The plugin disconnects a client it deletes or disables: a device with
         an exception is disabled and enabled again; any other gets a client made and deleted at once."""
-        if device_id in self.exception_clients():
+        validate_device_id(device_id)
+        if self._has_exception(device_id):
             commands = [{"command": c, "username": device_id} for c in ("disableClient", "enableClient")]
         else:
             commands = [{"command": c, "username": device_id} for c in ("createClient", "deleteClient")]
