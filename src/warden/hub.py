@@ -285,36 +285,32 @@ class Hub:
     def token_key(self) -> bytes:
         """The hub-wide key under which token secrets are stored as HMACs (made on first use, mode 0600)."""
         if self._token_key is None:
-            path = self.settings.data_dir / TOKEN_KEY_FILE
-            if not path.exists():
-                with contextlib.suppress(FileExistsError):
-                    _create_exclusive(path, self.random.token_bytes(32).hex().encode("ascii") + b"\n")
-            if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise ConfigurationError(f"{path} is readable by others", hint=f"run 'chmod 600 {path}'")
-            text = read_limited(path, 256, what="the token key").strip()
-            try:
-                key = bytes.fromhex(text.decode("ascii"))
-            except (UnicodeDecodeError, ValueError):
-                key = b""
-            if len(key) != 32:
-                raise ConfigurationError(f"{path} does not hold a 256-bit hex key")
-            self._token_key = key
+            self._token_key = self._secret_file(TOKEN_KEY_FILE, "the token key")
         return self._token_key
 
-    # -- the embedded broker ----------------------------------------------------------------------------------
-
-    def broker_admin_password(self) -> str:
-        """The broker administrator's password (made on first use, mode 0600; only its hash reaches the broker)."""
-        path = self.settings.data_dir / BROKER_ADMIN_FILE
+    def _secret_file(self, name: str, what: str) -> bytes:
+        """256 random bits kept as hex in ``<data-dir>/name``: made on first use (mode 0600, created exclusively so
+        two processes starting together agree), refused when others may read it."""
+        path = self.settings.data_dir / name
         if not path.exists():
             with contextlib.suppress(FileExistsError):
                 _create_exclusive(path, self.random.token_bytes(32).hex().encode("ascii") + b"\n")
         if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ConfigurationError(f"{path} is readable by others", hint=f"run 'chmod 600 {path}'")
-        text = read_limited(path, 256, what="the broker admin password").decode("ascii", "replace").strip()
-        if len(text) < 32:
-            raise ConfigurationError(f"{path} does not hold a broker admin password", hint="delete it to make one")
-        return text
+        text = read_limited(path, 256, what=what).strip()
+        try:
+            key = bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            key = b""
+        if len(key) != 32:
+            raise ConfigurationError(f"{path} does not hold a 256-bit hex key")
+        return key
+
+    # -- the embedded broker ----------------------------------------------------------------------------------
+
+    def broker_admin_password(self) -> str:
+        """The broker administrator's password (made on first use, mode 0600; only its hash reaches the broker)."""
+        return self._secret_file(BROKER_ADMIN_FILE, "the broker admin password").hex()
 
     def broker_exceptions(self) -> dict[str, Access]:
         """Devices whose broker rights are not normal, from the registry's device states."""
