@@ -16,6 +16,7 @@ import pwd
 import secrets
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,6 +250,7 @@ class Hub:
         )
         self._token_key: bytes | None = None
         self._broker: LocalBroker | None = None
+        self._broker_lock = threading.Lock()
         self._provisioning: ProvisioningService | None = None
         self._tokens: TokenService | None = None
         self.identities = HubIdentities(self)
@@ -325,17 +327,21 @@ class Hub:
         process of the hub may administer it."""
         if self.settings.broker != "local":
             return None
-        if self._broker is None:
-            self._broker = LocalBroker(
-                BrokerLayout(self.settings.data_dir / BROKER_DIR),
-                host=self.settings.broker_host,
-                port=self.settings.broker_port,
-                hub_client=f"hub.{self.settings.fleet_domain}",
-                admin_password=self.broker_admin_password,
-                exceptions=self.broker_exceptions,
-                user=pwd.getpwuid(os.getuid()).pw_name,
-            )
-        return self._broker
+        with self._broker_lock:
+            if self._broker is None:
+                self._broker = self._new_broker()
+            return self._broker
+
+    def _new_broker(self) -> LocalBroker:
+        return LocalBroker(
+            BrokerLayout(self.settings.data_dir / BROKER_DIR),
+            host=self.settings.broker_host,
+            port=self.settings.broker_port,
+            hub_client=f"hub.{self.settings.fleet_domain}",
+            admin_password=self.broker_admin_password,
+            exceptions=self.broker_exceptions,
+            user=pwd.getpwuid(os.getuid()).pw_name,
+        )
 
     def start_broker(self, *, actor: str = "hub") -> LocalBroker | None:
         """Start the embedded broker with a fresh certificate for ``broker.<fleet-domain>`` (its key, made here,
@@ -373,11 +379,13 @@ class Hub:
         broker = self.local_broker()
         if broker is None or not broker.is_up():
             return False  # no broker runs: it gets the registry's exceptions when it starts
-        state = self.devices.get_device(device_id).state
         try:
-            broker.set_access(device_id, _BROKER_ACCESS.get(state, Access.NORMAL))
-        except WardenError as e:
-            log.warning("the broker could not be told about device %s: %s", device_id, e.message)
+            with broker.changing():
+                # Read under the broker's lock: of two changes racing, the one applied last is the newest state.
+                state = self.devices.get_device(device_id).state
+                broker.set_access(device_id, _BROKER_ACCESS.get(state, Access.NORMAL))
+        except Exception as e:  # the registry has changed already: never fail the caller for the broker
+            log.warning("the broker could not be told about device %s: %s", device_id, _describe(e))
             return False
         return True
 
@@ -388,8 +396,8 @@ class Hub:
             return False
         try:
             broker.kick(device_id)
-        except WardenError as e:
-            log.warning("the broker could not disconnect device %s: %s", device_id, e.message)
+        except Exception as e:
+            log.warning("the broker could not disconnect device %s: %s", device_id, _describe(e))
             return False
         return True
 
@@ -399,15 +407,18 @@ class Hub:
         here is logged (the leader publishes within a second, reconciliation follows), never raised."""
         try:
             self.crl_job(actor=actor)
-        except WardenError as e:
-            log.warning("publishing the CRL after a revocation failed: %s", e.message)
+        except Exception as e:
+            log.warning("publishing the CRL after a revocation failed: %s", _describe(e))
         if record.device_id is not None:
             self.kick_device(record.device_id)
 
     def reconcile_broker(self, *, actor: str = "hub") -> list[str]:
         """Repair any drift between the broker and the registry; each repair is audited."""
         broker = self.local_broker()
-        if broker is None or not broker.is_up():
+        if broker is None:
+            return []
+        if not broker.is_up():
+            log.error("the broker is not running: devices cannot connect (see %s)", broker.layout.log)
             return []
         repairs = broker.reconcile()
         if repairs:
@@ -863,3 +874,7 @@ def migrate_database(settings: Settings) -> str | None:
         return db.revision()
     finally:
         db.dispose()
+
+
+def _describe(error: BaseException) -> str:
+    return error.message if isinstance(error, WardenError) else type(error).__name__

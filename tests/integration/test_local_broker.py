@@ -334,3 +334,44 @@ def test_a_malformed_device_id_in_the_registry_stops_the_start(setup: Setup, bad
         for path in layout.directory.rglob("*"):
             if path.is_file():
                 assert needle not in path.read_bytes(), path
+
+
+def test_concurrent_changes_from_threads_and_another_process_all_land(running: Setup) -> None:
+    """Threads of one hub and a second LocalBroker on the same directory (another worker or a CLI command) change
+    exceptions at the same time: each administrator has its own client id and answers, changes are serialised,
+    and the broker ends up with exactly what was asked last for each device."""
+    other = LocalBroker(
+        running.local.layout,
+        host="127.0.0.1",
+        port=running.local.port,
+        hub_client=HUB_CLIENT,
+        admin_password=lambda: running.password,
+        exceptions=lambda: dict(running.registry),
+        user=getpass.getuser(),
+    )
+    devices = [f"dev-{i}" for i in range(8)]
+    errors: list[BaseException] = []
+
+    def work(broker: LocalBroker, names: list[str]) -> None:
+        try:
+            for name in names:
+                broker.set_access(name, Access.QUARANTINED)
+                broker.set_access(name, Access.DISABLED)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(running.local if i % 2 else other, devices[i::4])) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        held = running.local.exception_clients()
+        assert {d: held[d] for d in devices} == {d: [f"device:{d}"] for d in devices}
+        roles = running.local.admin().execute([{"command": "getRole", "rolename": "device:dev-0"}])[0]["data"]["role"]
+        allows = [acl for acl in roles["acls"] if acl["allow"]]
+        assert allows == []  # disabled: the last change for dev-0, nothing allowed
+    finally:
+        other.stop()

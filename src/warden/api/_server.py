@@ -308,7 +308,8 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, announce: C
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+    # A requested stop that completed its shutdown is a success (exit 0, as uvicorn's own exit would be).
+    raise SystemExit(0)
 
 
 def _listen(

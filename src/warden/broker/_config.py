@@ -16,7 +16,7 @@ __all__ = ["MosquittoConfig", "render_config"]
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
-_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 #: a unix socket's path must fit in sockaddr_un (108 bytes with the terminating NUL)
 _MAX_SOCKET_PATH = 107
 

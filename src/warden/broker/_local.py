@@ -8,17 +8,20 @@ directory, the pid file and, in a 0700 subdirectory, the admin socket. Any proce
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from warden.broker._config import MosquittoConfig, render_config
 from warden.broker._dynsec import access_commands, initial_state, state_exceptions
-from warden.broker._mosquitto import BrokerAdmin, MosquittoProcess, find_dynsec_plugin
+from warden.broker._mosquitto import BrokerAdmin, BrokerConnectionError, MosquittoProcess, find_dynsec_plugin
 from warden.broker._rights import acl_file, exception_role, role_name
 from warden.broker._topics import Access
 from warden.core import BrokerError, InvalidInputError, validate_device_id
@@ -105,6 +108,30 @@ class LocalBroker:
         self._user = user
         self._process: MosquittoProcess | None = None
         self._admin: BrokerAdmin | None = None
+        # Changes to the broker are serialised: by this lock within the process, and by a lock file across the
+        # hub's processes (workers, CLI commands), so that no check-then-act of one interleaves with another's.
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._lock_file: int | None = None
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """Hold the broker for a read-decide-write sequence (re-entrant)."""
+        with self._lock:
+            if self._depth == 0:
+                self.layout.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(self.layout.directory / ".changing.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._lock_file = fd
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._lock_file is not None:
+                    fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+                    os.close(self._lock_file)
+                    self._lock_file = None
 
     def config(self) -> MosquittoConfig:
         layout = self.layout
@@ -129,9 +156,14 @@ class LocalBroker:
         """Write every file (the plugin's state from the registry's exceptions as they are now) and start the
         broker; it is listening on both listeners when this returns."""
         layout = self.layout
-        layout.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (layout.directory / "admin").mkdir(mode=0o700, exist_ok=True)
-        layout.persistence.mkdir(mode=0o700, exist_ok=True)
+        if self.is_up():
+            raise BrokerError(
+                f"a broker for this data directory runs already (pid {self._pid()})",
+                hint="stop the other 'warden serve' first",
+            )
+        for directory in (layout.directory, layout.directory / "admin", layout.persistence):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.chmod(0o700)  # also when it existed with looser permissions
         write_file_atomic(layout.cafile, chain_pem)
         write_file_atomic(layout.certfile, certificate_pem)
         write_file_atomic(layout.keyfile, key_pem, mode=0o600)
@@ -192,19 +224,23 @@ class LocalBroker:
 
     def admin(self) -> BrokerAdmin:
         """The admin connection, opened on first use and reopened after the broker restarted."""
-        if self._admin is None:
-            self._admin = BrokerAdmin(self.layout.admin_socket, self._admin_password())
-        return self._admin
+        with self._lock:
+            if self._admin is None:
+                self._admin = BrokerAdmin(self.layout.admin_socket, self._admin_password())
+            return self._admin
 
     def _execute(self, commands: list[dict[str, Any]], *, check: bool = True) -> list[dict[str, Any]]:
-        try:
-            return self.admin().execute(commands, check=check)
-        except BrokerError:
-            # A broken connection (the broker restarted): one fresh attempt.
-            if self._admin is not None:
-                self._admin.close()
+        with self._lock:
+            admin = self.admin()
+            try:
+                return admin.execute(commands, check=check)
+            except BrokerConnectionError:
+                if admin.connected:
+                    raise  # the broker is there but did not answer: retrying could apply the commands twice
+                # The connection broke (the broker restarted): one fresh login, one more attempt.
+                admin.close()
                 self._admin = None
-            return self.admin().execute(commands, check=check)
+                return self.admin().execute(commands, check=check)
 
     def exception_clients(self) -> dict[str, list[str]]:
         """The device exceptions the broker holds now: device id -> its roles' names."""
@@ -223,9 +259,16 @@ class LocalBroker:
     def set_access(self, device_id: str, access: Access) -> None:
         """Give ``device_id`` ``access`` now. A device whose rights shrink is disconnected, so its reconnect meets
         the new rules (Mosquitto 2.0's plugin does not cut a session when only a role's ACLs change)."""
+        with self.changing():
+            self._set_access(device_id, access)
+
+    def _set_access(self, device_id: str, access: Access) -> None:
         known = self._has_exception(device_id)
         if access is Access.NORMAL and not known:
             return
+        if not known:
+            # A role left behind (a crash between two commands) would make createRole fail and keep stale rights.
+            self._execute([{"command": "deleteRole", "rolename": role_name(device_id)}], check=False)
         commands = access_commands(device_id, access, known=known)
         if access is not Access.NORMAL:
             # Disabling and enabling a client makes the plugin disconnect its session (it has no kick command).
@@ -239,14 +282,19 @@ class LocalBroker:
         """Disconnect the device's session. The plugin disconnects a client it deletes or disables: a device with
         an exception is disabled and enabled again; any other gets a client made and deleted at once."""
         validate_device_id(device_id)
-        if self._has_exception(device_id):
-            commands = [{"command": c, "username": device_id} for c in ("disableClient", "enableClient")]
-        else:
-            commands = [{"command": c, "username": device_id} for c in ("createClient", "deleteClient")]
-        self._execute(commands)
+        with self.changing():
+            if self._has_exception(device_id):
+                commands = [{"command": c, "username": device_id} for c in ("disableClient", "enableClient")]
+            else:
+                commands = [{"command": c, "username": device_id} for c in ("createClient", "deleteClient")]
+            self._execute(commands)
 
     def reconcile(self) -> list[str]:
         """Make the broker's exceptions and ACL file match the registry; what was repaired, one line each."""
+        with self.changing():
+            return self._reconcile()
+
+    def _reconcile(self) -> list[str]:
         repaired: list[str] = []
         wanted_acl = acl_file(self._hub_client).encode()
         try:
@@ -257,9 +305,11 @@ class LocalBroker:
             write_file_atomic(self.layout.acl, wanted_acl)
             self.reload()
             repaired.append("acl file rewritten")
-        wanted = {d: a for d, a in self._exceptions().items() if a is not Access.NORMAL}
+        # The broker first, the registry second: a change made between the two reads then looks like drift the
+        # registry already wants, never like one to undo (changes hold this lock too, in every process).
         held = self.exception_clients()
         roles = self._roles()
+        wanted = {d: a for d, a in self._exceptions().items() if a is not Access.NORMAL}
         removed_roles: set[str] = set()
         for device in held:
             if device not in wanted:

@@ -11,6 +11,7 @@ import glob
 import itertools
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,7 +29,7 @@ from warden.broker._dynsec import CONTROL_TOPIC, RESPONSE_TOPIC
 from warden.broker._rights import ADMIN_USERNAME
 from warden.core import BrokerError, ConfigurationError
 
-__all__ = ["BrokerAdmin", "MosquittoProcess", "find_dynsec_plugin", "find_mosquitto"]
+__all__ = ["BrokerAdmin", "BrokerConnectionError", "MosquittoProcess", "find_dynsec_plugin", "find_mosquitto"]
 
 _PLUGIN_CANDIDATES = (
     "/usr/lib/*/mosquitto_dynamic_security.so",
@@ -45,7 +46,9 @@ def find_mosquitto() -> str:
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
     )
     if found is None:
-        raise ConfigurationError("mosquitto is not installed", hint="apt-get install mosquitto")
+        raise ConfigurationError(
+            "mosquitto is not installed", hint="apt-get install mosquitto, or run without a broker: WARDEN_BROKER=off"
+        )
     return found
 
 
@@ -148,6 +151,10 @@ def _accepts(host: str, port: int) -> bool:
         return False
 
 
+class BrokerConnectionError(BrokerError):
+    """The admin connection is down or the broker did not answer (as opposed to refusing a command)."""
+
+
 class BrokerAdmin:
     """The hub's administration connection to the dynamic security plugin, over the broker's unix socket.
 
@@ -160,17 +167,23 @@ class BrokerAdmin:
         self._answers: dict[bytes, Any] = {}
         self._answered = threading.Condition()
         self._counter = itertools.count(1)
+        # Every connection has its own client id and correlation prefix: the plugin sends its answers to every
+        # administrator subscribed, and a shared client id would make two connections take each other over. The
+        # colon keeps the id out of reach of any certificate (client ids on the TLS listener are device ids).
+        self._prefix = f"{os.getpid()}.{secrets.token_hex(4)}."
         self._connected = threading.Event()
         self._refused: str | None = None
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id="warden-admin",
+            client_id=f"{ADMIN_USERNAME}:{self._prefix.rstrip('.')}",
             protocol=mqtt.MQTTv5,
             transport="unix",
         )
         client.username_pw_set(ADMIN_USERNAME, password)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        self._subscribed = threading.Event()
         self._client = client
         try:
             client.connect(str(socket_path), port=1883, keepalive=30)  # the port is unused on a unix socket
@@ -180,15 +193,20 @@ class BrokerAdmin:
         if not self._connected.wait(timeout) or self._refused is not None:
             self.close()
             raise BrokerError(f"the broker refused the hub's admin login: {self._refused or 'no answer'}")
-        info = client.subscribe(RESPONSE_TOPIC, qos=1)
-        if info[0] != mqtt.MQTT_ERR_SUCCESS:
+        if not self._subscribed.wait(timeout):
             self.close()
             raise BrokerError("cannot subscribe to the dynamic security answers")
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             self._refused = str(reason)
+        else:
+            # Again after every reconnect: a clean session keeps no subscription.
+            client.subscribe(RESPONSE_TOPIC, qos=1)
         self._connected.set()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        self._subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic != RESPONSE_TOPIC or len(message.payload) > MAX_RESPONSE_BYTES:
@@ -200,7 +218,8 @@ class BrokerAdmin:
         with self._answered:
             for response in body.get("responses", []) if isinstance(body, dict) else []:
                 key = str(response.get("correlationData", "")).encode()
-                self._answers[key] = response
+                if key.startswith(self._prefix.encode()):  # another administrator's answers are not ours
+                    self._answers[key] = response
             self._answered.notify_all()
 
     def execute(self, commands: Sequence[dict[str, Any]], *, check: bool = True) -> list[dict[str, Any]]:
@@ -209,17 +228,23 @@ class BrokerAdmin:
         if not commands:
             return []
         with self._lock:
-            keys = [f"w{next(self._counter)}" for _ in commands]
+            if not self._client.is_connected():
+                raise BrokerConnectionError("the admin connection to the broker is down")
+            keys = [f"{self._prefix}{next(self._counter)}" for _ in commands]
             tagged = [{**c, "correlationData": k} for c, k in zip(commands, keys, strict=True)]
             info = self._client.publish(CONTROL_TOPIC, json.dumps({"commands": tagged}), qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                raise BrokerError(f"cannot send commands to the broker ({mqtt.error_string(info.rc)})")
+                raise BrokerConnectionError(f"cannot send commands to the broker ({mqtt.error_string(info.rc)})")
             deadline = time.monotonic() + self._timeout
             with self._answered:
                 while not all(k.encode() in self._answers for k in keys):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise BrokerError(f"the broker did not answer {len(commands)} admin command(s) in time")
+                        for k in keys:
+                            self._answers.pop(k.encode(), None)
+                        raise BrokerConnectionError(
+                            f"the broker did not answer {len(commands)} admin command(s) in time"
+                        )
                     self._answered.wait(remaining)
                 answers = [self._answers.pop(k.encode()) for k in keys]
         if check:
@@ -228,6 +253,10 @@ class BrokerAdmin:
                 command, answer = failed[0]
                 raise BrokerError(f"the broker refused {command.get('command')}: {str(answer.get('error'))[:200]}")
         return answers
+
+    @property
+    def connected(self) -> bool:
+        return self._client.is_connected()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
