@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,3 +140,27 @@ def test_the_broker_stops_with_the_hub(tmp_path: Path) -> None:
     assert Path(f"/proc/{pid}").exists()
     server.stop()
     eventually(lambda: True if not Path(f"/proc/{pid}").exists() else None, what="mosquitto to exit")
+
+
+def test_a_broker_that_dies_is_started_again(hub: HubServer, tmp_path: Path) -> None:
+    device = enroll(hub, "dev-a", tmp_path)
+    pid_file = hub.data_dir / "broker" / "mosquitto.pid"
+    first = int(pid_file.read_text().strip())
+    os.kill(first, signal.SIGKILL)
+    second = eventually(
+        lambda: int(text) if (text := _read(pid_file)).isdigit() and int(text) != first else None,
+        what="the supervisor to start the broker again",
+    )
+    assert Path(f"/proc/{second}").exists()
+    eventually(
+        lambda: True if publish(hub, device, "warden/dev-a/telemetry") == NO_SUBSCRIBERS else None,
+        what="the device to publish through the new broker",
+    )
+    assert "the broker exited; starting it again" in hub.log()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""

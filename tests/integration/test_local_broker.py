@@ -9,6 +9,7 @@ broker's name does not resolve here, so they skip only the host name check (see 
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
 import os
 import secrets
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
@@ -375,3 +377,12 @@ def test_concurrent_changes_from_threads_and_another_process_all_land(running: S
         assert allows == []  # disabled: the last change for dev-0, nothing allowed
     finally:
         other.stop()
+
+
+def test_the_broker_knows_when_its_certificate_needs_renewal(running: Setup) -> None:
+    certificate = x509.load_pem_x509_certificate(running.certificate_pem)
+    lifetime = certificate.not_valid_after_utc - certificate.not_valid_before_utc
+    renew_at = certificate.not_valid_after_utc - lifetime / 3
+    assert not running.local.needs_renewal(renew_at - dt.timedelta(seconds=1))
+    assert running.local.needs_renewal(renew_at)
+    assert running.local.needs_renewal(certificate.not_valid_after_utc)

@@ -297,14 +297,49 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, announce: C
         prepare(hub)
         # The embedded broker belongs to this process (the workers administer it over its socket).
         broker = hub.start_broker()
-    # uvicorn ends its graceful shutdown by raising the signal it caught again, to the handler that was there
-    # before it: with Python's default one the process would die on the spot and leave the broker running.
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    try:
-        _listen(settings, host=host, port=port, workers=workers, announce=announce, broker=broker)
-    finally:
-        if broker is not None:
-            broker.stop()
+        supervisor = _BrokerSupervisor(hub, broker) if broker is not None else None
+        # uvicorn ends its graceful shutdown by raising the signal it caught again, to the handler that was there
+        # before it: with Python's default one the process would die on the spot and leave the broker running.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        try:
+            if supervisor is not None:
+                supervisor.start()
+            _listen(settings, host=host, port=port, workers=workers, announce=announce, broker=broker)
+        finally:
+            if supervisor is not None:
+                supervisor.stop()
+            if broker is not None:
+                broker.stop()
+
+
+class _BrokerSupervisor(threading.Thread):
+    """Keeps the embedded broker running: a broker that exited is started again (with the registry's exceptions
+    as they are then), and one whose certificate is in the last third of its life is restarted with a new one
+    (devices reconnect on their own)."""
+
+    def __init__(self, hub: Hub, broker: LocalBroker, *, every: float = 2.0) -> None:
+        super().__init__(name="warden-broker-supervisor", daemon=True)
+        self._hub = hub
+        self._broker = broker
+        self._every = every
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopping.wait(self._every):
+            try:
+                if not self._broker.running():
+                    log.error("the broker exited; starting it again (its log: %s)", self._broker.layout.log)
+                    self._hub.start_broker()
+                elif self._broker.needs_renewal(self._hub.clock.now()):
+                    log.info("the broker's certificate is in the last third of its life: restarting with a new one")
+                    self._broker.stop()
+                    self._hub.start_broker()
+            except Exception:
+                log.exception("broker supervision failed; trying again")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=30)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

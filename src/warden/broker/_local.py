@@ -9,6 +9,7 @@ directory, the pid file and, in a 0700 subdirectory, the admin socket. Any proce
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import json
 import os
@@ -18,6 +19,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from warden.broker._config import MosquittoConfig, render_config
 from warden.broker._dynsec import access_commands, initial_state, state_exceptions
@@ -108,6 +111,7 @@ class LocalBroker:
         self._user = user
         self._process: MosquittoProcess | None = None
         self._admin: BrokerAdmin | None = None
+        self._renew_at: dt.datetime | None = None
         # Changes to the broker are serialised: by this lock within the process, and by a lock file across the
         # hub's processes (workers, CLI commands), so that no check-then-act of one interleaves with another's.
         self._lock = threading.RLock()
@@ -174,6 +178,13 @@ class LocalBroker:
         process = MosquittoProcess(layout.config, layout.log)
         process.start(host=self.host, port=self.port, admin_socket=layout.admin_socket)
         self._process = process
+        certificate = x509.load_pem_x509_certificate(certificate_pem)
+        lifetime = certificate.not_valid_after_utc - certificate.not_valid_before_utc
+        self._renew_at = certificate.not_valid_after_utc - lifetime / 3
+
+    def needs_renewal(self, now: dt.datetime) -> bool:
+        """Whether the certificate the broker was started with is in the last third of its life."""
+        return self._renew_at is not None and now >= self._renew_at
 
     def running(self) -> bool:
         return self._process is not None and self._process.running()
