@@ -226,7 +226,7 @@ class CertificateService:
                 f"profile {profile} is not for devices", hint="use 'device' or 'gateway' with --device"
             )
         identity = IssuedIdentity.for_device(device_id, self._policy.fleet_domain)
-        return self._issue(csr, profile, identity, actor, device_id=device_id, action="certificate.issue")
+        return self.complete(self._plan(csr, profile, identity, actor, device_id=device_id, action="certificate.issue"))
 
     def renew(self, *, device_id: str, csr: bytes, actor: str, revoke_superseded: bool = False) -> IssuedCertificate:
         """A new certificate for an ``active`` device that has had one, from a new CSR (a new key by default)."""
@@ -236,15 +236,17 @@ class CertificateService:
         # The renewed certificate keeps the profile of the device's newest one; the writing transaction re-checks
         # state and key reuse.
         profile = Profile(previous[-1].profile) if previous else Profile.DEVICE
-        return self._issue(
-            csr,
-            profile,
-            identity,
-            actor,
-            device_id=device_id,
-            action="certificate.renew",
-            renew=True,
-            revoke_superseded=revoke_superseded,
+        return self.complete(
+            self._plan(
+                csr,
+                profile,
+                identity,
+                actor,
+                device_id=device_id,
+                action="certificate.renew",
+                renew=True,
+                revoke_superseded=revoke_superseded,
+            )
         )
 
     def issue_service(
@@ -265,37 +267,7 @@ class CertificateService:
                     hint=f"service names under {self._policy.fleet_domain} use a "
                     "reserved label (hub, broker, mqtt, ...) or another domain",
                 )
-        return self._issue(csr, profile, identity, actor, device_id=None, action="certificate.issue")
-
-    def enroll(
-        self,
-        *,
-        device_id: str,
-        csr: bytes,
-        actor: str,
-        action: str,
-        profile: Profile = Profile.DEVICE,
-        validity: dt.timedelta | None = None,
-        renew: bool = False,
-        new_device: Device | None = None,
-        hooks: IssueHooks | None = None,
-    ) -> IssuedCertificate:
-        """Issuance on behalf of another context's use case (EST enrollment and re-enrollment): ``hooks`` run in
-        the issuing transaction, ``new_device`` is registered there if it does not exist, and ``validity`` overrides
-        the profile's default (it is capped by the profile's maximum in the PKI)."""
-        return self.complete(
-            self.plan_enroll(
-                device_id=device_id,
-                csr=csr,
-                actor=actor,
-                action=action,
-                profile=profile,
-                validity=validity,
-                renew=renew,
-                new_device=new_device,
-                hooks=hooks,
-            )
-        )
+        return self.complete(self._plan(csr, profile, identity, actor, device_id=None, action="certificate.issue"))
 
     def complete(self, plan: IssuePlan) -> IssuedCertificate:
         """Record ``plan`` through the writer (waiting for its commit) and return the certificate."""
@@ -314,7 +286,10 @@ class CertificateService:
         new_device: Device | None = None,
         hooks: IssueHooks | None = None,
     ) -> IssuePlan:
-        """:meth:`enroll`, up to the point where the request goes to the writer."""
+        """Issuance on behalf of another context's use case (EST enrollment and re-enrollment), up to the point
+        where the request goes to the writer (:meth:`complete`): ``hooks`` run in the issuing transaction,
+        ``new_device`` is registered there if it does not exist, and ``validity`` overrides the profile's default
+        (it is capped by the profile's maximum in the PKI)."""
         if profile not in _DEVICE_PROFILES:
             raise InvalidInputError(f"profile {profile} is not for devices", hint="use 'device' or 'gateway'")
         if new_device is not None and new_device.id != device_id:
@@ -331,37 +306,6 @@ class CertificateService:
             validity=validity,
             new_device=new_device,
             hooks=hooks,
-        )
-
-    def _issue(
-        self,
-        csr: bytes,
-        profile: Profile,
-        identity: IssuedIdentity,
-        actor: str,
-        *,
-        device_id: str | None,
-        action: str,
-        renew: bool = False,
-        revoke_superseded: bool = False,
-        validity: dt.timedelta | None = None,
-        new_device: Device | None = None,
-        hooks: IssueHooks | None = None,
-    ) -> IssuedCertificate:
-        return self.complete(
-            self._plan(
-                csr,
-                profile,
-                identity,
-                actor,
-                device_id=device_id,
-                action=action,
-                renew=renew,
-                revoke_superseded=revoke_superseded,
-                validity=validity,
-                new_device=new_device,
-                hooks=hooks,
-            )
         )
 
     def _plan(
@@ -743,13 +687,15 @@ class CertificateService:
             certificate, key = current
         else:
             key = self._ca.new_ocsp_signer_key()
-            issued = self._issue(
-                key_csr(key, "ocsp-signer"),
-                Profile.OCSP_SIGNER,
-                IssuedIdentity.for_service((f"ocsp.{self._policy.fleet_domain}",)),
-                actor,
-                device_id=None,
-                action="certificate.issue",
+            issued = self.complete(
+                self._plan(
+                    key_csr(key, "ocsp-signer"),
+                    Profile.OCSP_SIGNER,
+                    IssuedIdentity.for_service((f"ocsp.{self._policy.fleet_domain}",)),
+                    actor,
+                    device_id=None,
+                    action="certificate.issue",
+                )
             )
             certificate = issued.certificate
             self._ca.store_ocsp_signer(certificate)
