@@ -26,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.brokerkit import BROKER_NAME, FLEET, Broker, Identity, start_broker
 from tests.hubserver import free_port
+from tests.integration.test_hub_server import REFUSED, control, s_client, throwaway  # noqa: F401 - a fixture
 from warden.broker import Access, BrokerAdmin, MosquittoProcess, access_commands
 from warden.core import BrokerError
 from warden.hub import Hub
@@ -309,3 +310,35 @@ def test_a_broker_that_cannot_start_says_why(tmp_path: Path) -> None:
     with pytest.raises(BrokerError, match="mosquitto exited at start"):
         process.start(host="127.0.0.1", port=free_port(), admin_socket=tmp_path / "sock", timeout=10)
     assert not process.running()
+
+
+@pytest.mark.parametrize(("client", "protocol", "alert"), REFUSED)
+def test_the_broker_refuses_what_the_client_could_speak(
+    broker: Broker,
+    throwaway: tuple[Path, Path],  # noqa: F811 - the fixture imported above
+    client: list[str],
+    protocol: str,
+    alert: str,
+) -> None:
+    """The TLS floor, with openssl: the same client arguments complete a handshake with an openssl server that
+    allows them (so the client itself is not what refuses), and fail against the broker."""
+    allowed = control(throwaway, client, client)
+    assert allowed.established, allowed.output
+    assert allowed.protocol == protocol, allowed.output
+    device = broker.device("dev-a")
+    refused = s_client(
+        broker.port, *client, "-CAfile", str(broker.config.cafile), "-cert", str(device.cert), "-key", str(device.key)
+    )
+    assert not refused.established, refused.output
+    assert refused.protocol is None and refused.cipher is None, refused.output
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_the_broker_speaks_tls12_and_tls13_with_aead_only(broker: Broker, version: str) -> None:
+    device = broker.device("dev-a")
+    shaken = s_client(
+        broker.port, version, "-CAfile", str(broker.config.cafile), "-cert", str(device.cert), "-key", str(device.key)
+    )
+    assert shaken.established, shaken.output
+    assert shaken.cipher is not None
+    assert "GCM" in shaken.cipher or "CHACHA20" in shaken.cipher, shaken.cipher
