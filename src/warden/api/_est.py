@@ -152,6 +152,13 @@ def _settle(outcomes: list[tuple[Any, bool, Any]]) -> None:
             future.set_result(value)
         else:
             future.set_exception(value)
+            # Marked as seen: when its request was cancelled, nobody awaits it, and asyncio would log it.
+            future.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 _sinks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSink] = weakref.WeakKeyDictionary()
