@@ -164,3 +164,32 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         return ""
+
+
+def test_broker_status_and_reconcile_from_the_cli(hub: HubServer, tmp_path: Path) -> None:
+    enroll(hub, "dev-a", tmp_path)
+    status = json.loads(hub.warden("broker", "status", "--json").stdout)
+    assert status["running"] is True
+    assert status["listener"] == f"mqtts://127.0.0.1:{hub.broker_port}"
+    assert status["exceptions_held"] == []
+    assert status["in_line_with_registry"] is True
+
+    hub.warden("device", "quarantine", "dev-a", "--reason", "test")
+    status = json.loads(hub.warden("broker", "status", "--json").stdout)
+    assert status["exceptions_held"] == ["dev-a"]
+    assert status["exceptions_in_registry"] == {"dev-a": "quarantined"}
+    assert status["in_line_with_registry"] is True
+    assert hub.warden("broker", "reconcile").stdout.strip().endswith("0 repair(s)")
+    text = hub.warden("broker", "status").stdout
+    assert "broker: running on mqtts://127.0.0.1:" in text
+
+
+def test_broker_commands_without_a_running_broker(tmp_path: Path) -> None:
+    server = start_hub(tmp_path)  # WARDEN_BROKER=off
+    try:
+        assert json.loads(server.warden("broker", "status", "--json").stdout) == {"broker": "off"}
+        refused = server.warden("broker", "reconcile", check=False)
+        assert refused.returncode == 3
+        assert "no broker is running" in refused.stderr
+    finally:
+        server.stop()

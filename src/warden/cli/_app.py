@@ -32,6 +32,7 @@ from warden.cli._output import (
 )
 from warden.core import (
     DEFAULT_LIMITS,
+    ConfigurationError,
     InvalidInputError,
     Settings,
     WardenError,
@@ -65,10 +66,12 @@ db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 enrollment_app = typer.Typer(help="Onboarding: enrollment groups and individual enrollments.", no_args_is_help=True)
 enrollment_group_app = typer.Typer(help="Enrollment groups: trust a manufacturer CA.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens for the operator REST API.", no_args_is_help=True)
+broker_app = typer.Typer(help="The embedded MQTT broker that warden serve runs.", no_args_is_help=True)
 enrollment_app.add_typer(enrollment_group_app, name="group")
 for sub, name in (
     (enrollment_app, "enrollment"),
     (token_app, "token"),
+    (broker_app, "broker"),
     (ca_app, "ca"),
     (group_app, "group"),
     (device_app, "device"),
@@ -957,6 +960,56 @@ def db_upgrade() -> None:
 
     revision = migrate_database(_settings())
     typer.echo(f"database at revision {revision}")
+
+
+# -- the embedded broker ----------------------------------------------------------------------------------------
+
+
+@broker_app.command("status")
+def broker_status(json_out: JsonOpt = False) -> None:
+    """Whether the broker of a running 'warden serve' is up, where it listens, and which devices it holds as
+    exceptions (quarantined, disabled) next to what the registry says."""
+    hub = _hub()
+    broker = hub.local_broker()
+    if broker is None:
+        status: dict[str, object] = {"broker": "off"}
+    else:
+        up = broker.is_up()
+        held = broker.exception_clients() if up else {}
+        wanted = hub.broker_exceptions()
+        status = {
+            "broker": "local",
+            "listener": f"mqtts://{broker.host}:{broker.port}",
+            "running": up,
+            "log": str(broker.layout.log),
+            "exceptions_held": sorted(held),
+            "exceptions_in_registry": {d: str(a) for d, a in sorted(wanted.items())},
+            "in_line_with_registry": up and sorted(held) == sorted(wanted),
+        }
+    if json_out:
+        emit_json(status)
+        return
+    if status["broker"] == "off":
+        typer.echo("broker: off (WARDEN_BROKER=off)")
+        return
+    typer.echo(f"broker: {'running' if status['running'] else 'not running'} on {status['listener']}")
+    typer.echo(f"  log: {status['log']}")
+    typer.echo(f"  devices held as exceptions: {len(held)}; in the registry: {len(wanted)}")
+    if up and not status["in_line_with_registry"]:
+        typer.echo("  differs from the registry: 'warden broker reconcile' repairs it (the server does every interval)")
+
+
+@broker_app.command("reconcile")
+def broker_reconcile() -> None:
+    """Repair any difference between the running broker and the registry now (each repair is audited)."""
+    hub = _hub()
+    broker = hub.local_broker()
+    if broker is None or not broker.is_up():
+        raise ConfigurationError("no broker is running for this data directory", hint="start it with 'warden serve'")
+    repairs = hub.reconcile_broker(actor=_actor())
+    for repair in repairs:
+        typer.echo(f"repaired: {repair}")
+    typer.echo(f"{len(repairs)} repair(s)")
 
 
 def run(argv: list[str] | None = None) -> int:
