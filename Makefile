@@ -53,6 +53,7 @@ bench: setup
 	PYTHONPATH=. $(BIN)/python bench/ratelimit.py --seconds $(or $(BENCH_SECONDS),30)
 	PYTHONPATH=. $(BIN)/python bench/broker_rights.py
 	PYTHONPATH=. $(BIN)/python bench/containment.py
+	PYTHONPATH=. $(BIN)/python bench/connect_storm.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -342,3 +342,11 @@ def test_the_broker_speaks_tls12_and_tls13_with_aead_only(broker: Broker, versio
     assert shaken.established, shaken.output
     assert shaken.cipher is not None
     assert "GCM" in shaken.cipher or "CHACHA20" in shaken.cipher, shaken.cipher
+
+
+def test_the_broker_may_hold_as_many_connections_as_the_system_allows(broker: Broker) -> None:
+    pid = broker.process.pid
+    assert pid is not None
+    line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if x.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    assert soft == hard, line

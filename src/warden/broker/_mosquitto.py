@@ -11,6 +11,7 @@ import glob
 import itertools
 import json
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -94,7 +95,7 @@ class MosquittoProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_child_setup,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -132,12 +133,16 @@ class MosquittoProcess:
             return "(no log)"
 
 
-def _die_with_parent() -> None:
+def _child_setup() -> None:
     """In the child, before exec: on Linux, have the kernel send it SIGTERM when the hub's process dies, even by
-    SIGKILL, so that no broker outlives its supervisor."""
+    SIGKILL, so that no broker outlives its supervisor; and let it hold as many connections as the system allows
+    (the soft open-file limit, often 1,024, raised to the hard one)."""
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    with contextlib.suppress(Exception):
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 _PR_SET_PDEATHSIG = 1
