@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.containment import write_identity
 from bench.enroll import cpu_seconds, machine, percentile, write_json
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -73,14 +74,8 @@ def issue_devices(hub: Hub, directory: Path, count: int) -> list[tuple[str, Path
             now=now,
             validity=dt.timedelta(days=1),
         )
-        cert_path, key_path = directory / f"{device_id}.pem", directory / f"{device_id}.key"
-        cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM) + chain)
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        devices.append((device_id, cert_path, key_path))
+        pem = certificate.public_bytes(serialization.Encoding.PEM)
+        devices.append((device_id, *write_identity(directory, device_id, pem, chain, key)))
     return devices
 
 

@@ -39,6 +39,24 @@ BROKER_NAME = f"broker.{FLEET}"
 HUB_CLIENT = f"hub.{FLEET}"
 
 
+def mosquitto_pub(port: int, cafile: Path, cert: Path, key: Path, topic: str, message: str = "x") -> int | None:
+    """The PUBACK reason code ``mosquitto_pub`` reports for one QoS 1 message to the broker on ``port``, or None
+    when it got none (the connection was refused). ``--insecure``: see the module docstring."""
+    result = subprocess.run(
+        [
+            *("mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-V", "mqttv5", "--cafile", str(cafile)),
+            *("--cert", str(cert), "--key", str(key), "--insecure", "-t", topic, "-m", message, "-q", "1", "-d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    for line in result.stdout.splitlines() + result.stderr.splitlines():
+        if "received PUBACK" in line and "RC:" in line:
+            return int(line.rsplit("RC:", 1)[1].rstrip(")"))
+    return None
+
+
 @dataclass
 class Identity:
     cert: Path
@@ -98,16 +116,7 @@ class Broker:
     def publish(self, who: Identity, topic: str, message: str = "x") -> int | None:
         """The PUBACK reason code ``mosquitto_pub`` reports for one QoS 1 message, or None when it got none (the
         connection was refused)."""
-        result = subprocess.run(
-            ["mosquitto_pub", *self.tls_args(who), "-t", topic, "-m", message, "-q", "1", "-d"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        for line in result.stdout.splitlines() + result.stderr.splitlines():
-            if "received PUBACK" in line and "RC:" in line:
-                return int(line.rsplit("RC:", 1)[1].rstrip(")"))
-        return None
+        return mosquitto_pub(self.port, self.config.cafile, who.cert, who.key, topic, message)
 
     def subscribe(self, who: Identity, *topics: str) -> Subscription:
         """One ``mosquitto_sub`` session for ``who`` (one certificate holds one session: a second one would take

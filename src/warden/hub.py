@@ -68,6 +68,7 @@ from warden.registry import (
     DeviceService,
     DeviceState,
     IssuancePolicy,
+    PublishedCrl,
     RegistryUnitOfWork,
 )
 from warden.store import CommitSink, Database, GroupCommitter, LoopCommitter
@@ -360,17 +361,17 @@ class Hub:
             key_pem=key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             ),
-            crl_pem=self._crl_pem(),
+            crl_pem=self._current_crl_pem(),
         )
         return broker
 
-    def _crl_pem(self) -> bytes:
+    def _current_crl_pem(self) -> bytes:
         crl = self.certificates.current_crl()
         if crl is None:
             self.certificates.publish_crl_if_due(actor="hub")
             crl = self.certificates.current_crl()
         assert crl is not None
-        return x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM)
+        return _crl_pem(crl)
 
     def apply_device_access(self, device_id: str) -> bool:
         """Give the device the broker rights of its registry state now (containment takes effect at once; a
@@ -453,9 +454,7 @@ class Hub:
         if crl is None:
             return []
         broker = self.local_broker()
-        if broker is not None and broker.reload(
-            crl_pem=x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM)
-        ):
+        if broker is not None and broker.reload(crl_pem=_crl_pem(crl)):
             return [f"crl {crl.number}", "broker reloaded"]
         return [f"crl {crl.number}"]
 
@@ -878,3 +877,8 @@ def migrate_database(settings: Settings) -> str | None:
 
 def _describe(error: BaseException) -> str:
     return error.message if isinstance(error, WardenError) else type(error).__name__
+
+
+def _crl_pem(crl: PublishedCrl) -> bytes:
+    """The broker reads its CRL as PEM; the hub keeps and serves it as DER."""
+    return x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM)

@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.brokerkit import BROKER_NAME, FLEET, Broker, Identity, start_broker
 from tests.hubserver import free_port
-from tests.integration.test_hub_server import REFUSED, control, s_client, throwaway  # noqa: F401 - a fixture
+from tests.integration._tls import REFUSED, control, s_client
 from warden.broker import Access, BrokerAdmin, MosquittoProcess, access_commands
 from warden.core import BrokerError
 from warden.hub import Hub
@@ -315,7 +315,7 @@ def test_a_broker_that_cannot_start_says_why(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("client", "protocol", "alert"), REFUSED)
 def test_the_broker_refuses_what_the_client_could_speak(
     broker: Broker,
-    throwaway: tuple[Path, Path],  # noqa: F811 - the fixture imported above
+    throwaway: tuple[Path, Path],
     client: list[str],
     protocol: str,
     alert: str,

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from tests.brokerkit import mosquitto_pub
 from tests.hubserver import HubServer, csr_der, start_hub
 from tests.integration._interop import Interop, eventually
 from warden.broker import Access, BrokerAdmin, access_commands
@@ -62,21 +62,7 @@ def enroll(hub: HubServer, device_id: str, work: Path) -> tuple[Path, Path, int]
 
 def publish(hub: HubServer, device: tuple[Path, Path, int], topic: str) -> int | None:
     cert, key, _ = device
-    result = subprocess.run(
-        [
-            *("mosquitto_pub", "-h", "127.0.0.1", "-p", str(hub.broker_port), "-V", "mqttv5"),
-            *("--cafile", str(hub.data_dir / "broker" / "ca.pem"), "--cert", str(cert), "--key", str(key)),
-            # The broker's name (broker.<fleet-domain>) does not resolve here: the chain is verified, not the name.
-            *("--insecure", "-t", topic, "-m", "x", "-q", "1", "-d"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-    for line in result.stdout.splitlines():
-        if "received PUBACK" in line and "RC:" in line:
-            return int(line.rsplit("RC:", 1)[1].rstrip(")"))
-    return None
+    return mosquitto_pub(hub.broker_port, hub.data_dir / "broker" / "ca.pem", cert, key, topic)
 
 
 def test_containment_and_revocation_through_the_hub(hub: HubServer, tmp_path: Path) -> None:
