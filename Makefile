@@ -8,10 +8,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages demo test lint typecheck contracts unit bench clean
+.PHONY: help setup system-packages demo walkthrough test lint typecheck contracts unit bench clean
 
 help:
-	@echo "make demo    set up and run the scripted walk through Warden's CLI"
+	@echo "make demo    set up and run a hub with a simulated fleet, then contain an impostor (warden demo)"
+	@echo "make walkthrough  set up and run the scripted walk through Warden's CLI"
 	@echo "make test    set up and run lint, types, import contracts and the test suite"
 	@echo "make bench   set up and run the benchmarks in bench/"
 
@@ -28,6 +29,9 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
+	@$(BIN)/warden demo
+
+walkthrough: setup
 	@$(BIN)/python scripts/demo.py
 
 lint: setup
@@ -54,6 +58,7 @@ bench: setup
 	PYTHONPATH=. $(BIN)/python bench/broker_rights.py
 	PYTHONPATH=. $(BIN)/python bench/containment.py
 	PYTHONPATH=. $(BIN)/python bench/connect_storm.py
+	PYTHONPATH=. $(BIN)/python bench/ingest.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

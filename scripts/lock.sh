@@ -7,6 +7,6 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"
 "$tmp/venv/bin/pip" install --quiet uv
-"$tmp/venv/bin/uv" pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+"$tmp/venv/bin/uv" pip compile pyproject.toml --extra hub --extra pkcs11 --extra dev --generate-hashes --python-version 3.11 \
   --no-header --quiet -o requirements.lock
 echo "requirements.lock updated"

@@ -18,6 +18,14 @@ done
 if [ ! -e /usr/lib/softhsm/libsofthsm2.so ] && [[ ! " ${missing[*]} " =~ " softhsm2 " ]]; then
   missing+=(softhsm2)
 fi
+# The OpenSSL pkcs11 engine (libp11) is a library, not a command: look for the engine file in OpenSSL's
+# ENGINESDIR (the multiarch path on Debian/Ubuntu).
+engines_dir=$(openssl version -e 2>/dev/null | sed -n 's/^ENGINESDIR: "\(.*\)"$/\1/p' || true)
+if [ ! -e "${engines_dir:-/nonexistent}/pkcs11.so" ] \
+  && ! compgen -G "/usr/lib/*/engines-3/pkcs11.so" >/dev/null \
+  && [ ! -e /usr/lib/engines-3/pkcs11.so ]; then
+  missing+=(libengine-pkcs11-openssl)
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "system packages missing: ${missing[*]}"

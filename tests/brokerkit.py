@@ -57,6 +57,31 @@ def mosquitto_pub(port: int, cafile: Path, cert: Path, key: Path, topic: str, me
     return None
 
 
+def mosquitto_pub_lines(
+    port: int, cafile: Path, cert: Path, key: Path, topic: str, lines: list[str], *, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Publish each of ``lines`` as one QoS 1 message over one connection (``mosquitto_pub -l``)."""
+    return subprocess.run(
+        [
+            *("mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-V", "mqttv5", "--cafile", str(cafile)),
+            *("--cert", str(cert), "--key", str(key), "--insecure", "-t", topic, "-q", "1", "-l"),
+        ],
+        input="".join(f"{line}\n" for line in lines),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tls_args(port: int, cafile: Path, cert: Path, key: Path) -> list[str]:
+    """``mosquitto_pub``/``mosquitto_sub`` arguments for a mutual-TLS connection (``--insecure``: see the module
+    docstring)."""
+    return [
+        "-h", "127.0.0.1", "-p", str(port), "-V", "mqttv5", "--cafile", str(cafile),
+        "--cert", str(cert), "--key", str(key), "--insecure",
+    ]  # fmt: skip
+
+
 @dataclass
 class Identity:
     cert: Path
@@ -108,10 +133,7 @@ class Broker:
         return BrokerAdmin(self.config.admin_socket, self.admin_password)
 
     def tls_args(self, who: Identity) -> list[str]:
-        return [
-            "-h", "127.0.0.1", "-p", str(self.port), "-V", "mqttv5", "--cafile", str(self.config.cafile),
-            "--cert", str(who.cert), "--key", str(who.key), "--insecure",
-        ]  # fmt: skip
+        return tls_args(self.port, self.config.cafile, who.cert, who.key)
 
     def publish(self, who: Identity, topic: str, message: str = "x") -> int | None:
         """The PUBACK reason code ``mosquitto_pub`` reports for one QoS 1 message, or None when it got none (the
@@ -121,18 +143,19 @@ class Broker:
     def subscribe(self, who: Identity, *topics: str) -> Subscription:
         """One ``mosquitto_sub`` session for ``who`` (one certificate holds one session: a second one would take
         this one over)."""
-        return Subscription(self, who, topics)
+        return Subscription(self.tls_args(who), topics)
 
 
 class Subscription:
-    """A ``mosquitto_sub`` whose subscriptions have been answered when the constructor returns: ``granted`` holds
-    the SUBACK's reason code per topic (the granted QoS, or 135 when refused)."""
+    """A ``mosquitto_sub`` (connecting with ``tls``, see :func:`tls_args`) whose subscriptions have been answered
+    when the constructor returns: ``granted`` holds the SUBACK's reason code per topic (the granted QoS, or 135 when
+    refused)."""
 
-    def __init__(self, broker: Broker, who: Identity, topics: tuple[str, ...]) -> None:
+    def __init__(self, tls: list[str], topics: tuple[str, ...]) -> None:
         args = [arg for topic in topics for arg in ("-t", topic)]
         self.process = subprocess.Popen(
             # Line-buffered: mosquitto_sub's stdio buffers a pipe fully, and its SUBACK would arrive at exit.
-            ["stdbuf", "-oL", "mosquitto_sub", *broker.tls_args(who), *args, "-q", "1", "-d", "-v"],
+            ["stdbuf", "-oL", "mosquitto_sub", *tls, *args, "-q", "1", "-d", "-v"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

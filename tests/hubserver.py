@@ -4,7 +4,9 @@ and with curl/openssl. Everything is generated at test time."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 import os
 import socket
 import ssl
@@ -19,6 +21,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
 FLEET = "fleet.acme.test"
@@ -226,8 +229,6 @@ class HubServer:
         return result
 
     def token(self, role: str) -> str:
-        import json
-
         return str(json.loads(self.warden("token", "create", "--role", role, "--json").stdout)["token"])
 
     def log(self) -> str:
@@ -351,6 +352,28 @@ def start_hub(
             server.stop()
             raise AssertionError(f"warden serve did not come up:\n{server.log()}")
         time.sleep(0.1)
+
+
+def enroll_with_token(hub: HubServer, device_id: str, work: Path) -> tuple[Path, Path, int]:
+    """Onboard ``device_id`` with a one-time token over EST, as a device does; its certificate (with the issuing CA)
+    and key files, and the certificate's serial."""
+    token = json.loads(hub.warden("enrollment", "add", device_id, "--token", "--json").stdout)["token"]
+    csr, key = csr_der(device_id)
+    with hub.client() as client:
+        answer = client.post(
+            "/.well-known/est/simpleenroll",
+            content=base64.b64encode(csr),
+            headers={"Content-Type": "application/pkcs10", "Authorization": f"Bearer {token}"},
+        )
+        assert answer.status_code == 200, answer.text
+        cacerts = client.get("/.well-known/est/cacerts")
+    leaf = pkcs7.load_der_pkcs7_certificates(base64.b64decode(answer.content))[0]
+    issuing = pkcs7.load_der_pkcs7_certificates(base64.b64decode(cacerts.content))[0]
+    cert_path, key_path = work / f"{device_id}.pem", work / f"{device_id}.key"
+    cert_path.write_bytes(_pem(leaf) + _pem(issuing))
+    key_path.write_bytes(_key_pem(key))
+    key_path.chmod(0o600)
+    return cert_path, key_path, leaf.serial_number
 
 
 def running_hub(base: Path, **kwargs: object) -> Iterator[HubServer]:

@@ -15,18 +15,37 @@ import os
 import pwd
 import secrets
 import shutil
+import ssl
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from warden.broker import Access, BrokerLayout, LocalBroker
+from warden.broker import (
+    Access,
+    BrokerLayout,
+    Command,
+    DeviceActivity,
+    Flood,
+    FloodWatch,
+    HubLink,
+    Ingest,
+    IngestConfig,
+    IngestPipeline,
+    IngestRecorder,
+    IngestStats,
+    LinkOptions,
+    LocalBroker,
+    client_tls_context,
+    device_topic,
+    sign_command,
+)
 from warden.core import (
     DEFAULT_LIMITS,
     AlreadyExistsError,
@@ -65,15 +84,19 @@ from warden.provisioning import ProvisioningService
 from warden.registry import (
     CertificateRecord,
     CertificateService,
+    CommandResult,
+    CommandService,
+    DeviceCommand,
     DeviceService,
     DeviceState,
     IssuancePolicy,
     PublishedCrl,
     RegistryUnitOfWork,
+    Restriction,
 )
 from warden.store import CommitSink, Database, GroupCommitter, LoopCommitter
 
-__all__ = ["Hub", "HubCA", "initialise"]
+__all__ = ["CommandDispatcher", "Hub", "HubCA", "initialise"]
 
 log = logging.getLogger(__name__)
 ItemT = TypeVar("ItemT")
@@ -93,6 +116,8 @@ SERVICE_CERT_FILE = "ca/service.pem"
 SERVICE_KEY_FILE = "keys/service.key.pem"
 HUB_CLIENT_CERT_FILE = "ca/hub-client.pem"
 HUB_CLIENT_KEY_FILE = "keys/hub-client.key.pem"
+COMMAND_SIGNER_CERT_FILE = "ca/command-signer.pem"
+COMMAND_SIGNER_KEY_FILE = "keys/command-signer.key.pem"
 
 
 def _passphrase_path(settings: Settings) -> Path:
@@ -234,6 +259,9 @@ class Hub:
         )
         self._committer: GroupCommitter | LoopCommitter | None = GroupCommitter(self.db) if group_commit else None
         self.devices = DeviceService(transactions=self.db.transaction, audit=self.audit, clock=self.clock)
+        self.commands = CommandService(
+            transactions=self.db.transaction, audit=self.audit, clock=self.clock, random=self.random
+        )
         self.certificates = CertificateService(
             transactions=self.db.transaction,
             writer=self._write,
@@ -241,7 +269,7 @@ class Hub:
             ca=self.ca,
             policy=IssuancePolicy(
                 fleet_domain=settings.fleet_domain,
-                validity={p: dt.timedelta(days=getattr(settings, _VALIDITY[p])) for p in Profile},
+                validity=_validity(settings),
                 allow_same_key_renewal=settings.allow_same_key_renewal,
                 crl_validity=dt.timedelta(hours=settings.crl_validity_hours),
                 ocsp_validity=dt.timedelta(minutes=settings.ocsp_validity_minutes),
@@ -254,6 +282,7 @@ class Hub:
         self._broker_lock = threading.Lock()
         self._provisioning: ProvisioningService | None = None
         self._tokens: TokenService | None = None
+        self._ingest: IngestRecorder | None = None
         self.identities = HubIdentities(self)
 
     @property
@@ -316,12 +345,16 @@ class Hub:
         return self._secret_file(BROKER_ADMIN_FILE, "the broker admin password").hex()
 
     def broker_exceptions(self) -> dict[str, Access]:
-        """Devices whose broker rights are not normal, from the registry's device states."""
-        return {
+        """Devices whose broker rights are not normal, from the registry: device states, then restrictions (a
+        quarantined, disabled or decommissioned device keeps the rights of its state)."""
+        exceptions = {
             device.id: access
             for state, access in _BROKER_ACCESS.items()
             for device in self.devices.list_devices(state=state)
         }
+        for restriction in self.devices.list_restrictions():
+            exceptions.setdefault(restriction.device_id, Access.RESTRICTED)
+        return exceptions
 
     def local_broker(self) -> LocalBroker | None:
         """The embedded broker (None when ``broker`` is not ``local``). It is started by :meth:`start_broker`; any
@@ -383,8 +416,8 @@ class Hub:
         try:
             with broker.changing():
                 # Read under the broker's lock: of two changes racing, the one applied last is the newest state.
-                state = self.devices.get_device(device_id).state
-                broker.set_access(device_id, _BROKER_ACCESS.get(state, Access.NORMAL))
+                state, restricted = self.devices.access_view(device_id)
+                broker.set_access(device_id, _access(state, restricted))
         except Exception as e:  # the registry has changed already: never fail the caller for the broker
             log.warning("the broker could not be told about device %s: %s", device_id, _describe(e))
             return False
@@ -429,10 +462,160 @@ class Hub:
                 )
         return repairs
 
+    # -- ingest and restrictions --------------------------------------------------------------------------------
+
+    def ingest_config(self) -> IngestConfig:
+        return IngestConfig(max_devices=self.settings.ingest_max_devices)
+
+    @property
+    def ingest(self) -> IngestRecorder:
+        """Reads (and, in the process that runs the ingest, writes) device activity and the ingest's totals."""
+        if self._ingest is None:
+            settings = self.settings
+            self._ingest = IngestRecorder(
+                transactions=self.db.transaction,
+                config=self.ingest_config(),
+                flood=FloodWatch(
+                    default_rate=settings.ingest_flood_rate,
+                    window=settings.ingest_flood_window_seconds,
+                    max_devices=settings.ingest_max_devices,
+                ),
+            )
+        return self._ingest
+
+    def device_activity(self, device_id: str) -> DeviceActivity | None:
+        return self.ingest.activity(device_id)
+
+    def ingest_stats(self) -> IngestStats:
+        return self.ingest.stats()
+
+    def ingest_pipeline(self) -> IngestPipeline | None:
+        """The ingest of ``warden serve`` (None when the hub link or the broker is off): the hub's one MQTT connection
+        with its hub-client certificate, to the embedded broker, and the recorder behind it. Only the process that
+        runs the broker runs it: a second connection with the same certificate would take the first one's session
+        over."""
+        settings = self.settings
+        if not settings.hub_link or settings.broker != "local":
+            return None
+        cert = settings.data_dir / HUB_CLIENT_CERT_FILE
+        key = settings.data_dir / HUB_CLIENT_KEY_FILE
+        host = settings.broker_host
+        # A listener on every address is reached on loopback.
+        address = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+
+        def tls() -> ssl.SSLContext:
+            return client_tls_context(
+                ca_pem=self.chain_pem(), cert_file=cert, key_file=key, key_password=self.identities.key_password()
+            )
+
+        def tls_version() -> object:
+            try:
+                return cert.stat().st_mtime_ns
+            except OSError:
+                return None
+
+        return IngestPipeline(
+            ingest=Ingest(self.ingest_config()),
+            recorder=self.ingest,
+            link=LinkOptions(
+                address=(address, settings.broker_port),
+                server_name=f"broker.{settings.fleet_domain}",
+                client_id=f"hub.{settings.fleet_domain}",
+                tls=tls,
+                tls_version=tls_version,
+                session_expiry=settings.ingest_session_expiry_seconds,
+                tick_seconds=settings.ingest_flush_seconds,
+            ),
+            on_floods=self.restrict_for_flooding,
+            on_reports=self.record_command_reports,
+            now=self.clock.now,
+        )
+
+    def command_publisher(self, publish: Callable[[str, bytes], bool]) -> Callable[[DeviceCommand], bool]:
+        """Signs a command with the current command-signing key and hands it to ``publish`` (the broker link)."""
+
+        def send(command: DeviceCommand) -> bool:
+            certificate, key = self.identities.command_signer()
+            envelope = sign_command(
+                key,
+                certificate,
+                Command(
+                    id=command.id,
+                    device=command.device_id,
+                    counter=command.counter,
+                    name=command.name,
+                    issued=command.created_at,
+                    args=command.args,
+                ),
+            )
+            return publish(device_topic(command.device_id, "commands"), envelope)
+
+        return send
+
+    def record_command_reports(self, reports: Sequence[tuple[str, str, Mapping[str, Any]]]) -> int:
+        """Close the commands agents reported on (their ``command.result`` / ``command.rejected`` events)."""
+        results = []
+        for device_id, kind, data in reports:
+            command_id = data.get("id")
+            status = "rejected" if kind == "command.rejected" else str(data.get("status", "failed"))
+            detail = data.get("detail") if kind == "command.result" else data.get("reason")
+            results.append(
+                CommandResult(
+                    device_id=device_id,
+                    command_id=command_id if isinstance(command_id, str) else None,
+                    counter=data.get("counter") if isinstance(data.get("counter"), int) else None,
+                    status=status[:32],
+                    detail=str(detail or "")[:256],
+                )
+            )
+        return self.commands.record_results(results)
+
+    def restrict_for_flooding(self, floods: Sequence[Flood], *, actor: str = "hub:ingest") -> int:
+        """Restrict devices the ingest found above their flood limit (recorded, audited with the measured rate and
+        the limit, and applied on the broker at once); how many were newly restricted."""
+        now = self.clock.now()
+        cooldown = self.settings.ingest_flood_cooldown_seconds
+        until = now + dt.timedelta(seconds=cooldown) if cooldown else None
+        restrictions = [
+            Restriction(
+                device_id=f.device_id,
+                since=now,
+                reason="flooding",
+                actor=actor,
+                until=until,
+                details={"rate": f.rate, "limit": f.limit, "window_seconds": f.window, "messages": f.messages},
+            )
+            for f in floods
+        ]
+        made = self.devices.restrict(restrictions)
+        for restriction in made:
+            log.warning(
+                "device %s restricted for flooding: %s messages/s over %s s, limit %s",
+                restriction.device_id,
+                restriction.details.get("rate"),
+                restriction.details.get("window_seconds"),
+                restriction.details.get("limit"),
+            )
+            self.apply_device_access(restriction.device_id)
+        return len(made)
+
+    def unrestrict_device(self, device_id: str, *, actor: str, reason: str = "") -> Restriction:
+        """Lift the device's restriction (audited) and give it the broker rights of its state at once."""
+        restriction = self.devices.unrestrict(device_id, actor=actor, reason=reason)
+        self.apply_device_access(device_id)
+        return restriction
+
+    def lift_expired_restrictions(self, *, actor: str = "hub") -> list[str]:
+        """Lift the restrictions whose cool-down is over (audited), and apply each on the broker."""
+        lifted = self.devices.lift_expired_restrictions(actor=actor)
+        for restriction in lifted:
+            self.apply_device_access(restriction.device_id)
+        return [f"{r.device_id} unrestricted (cool-down over)" for r in lifted]
+
     def run_jobs(self, *, actor: str = "hub") -> list[str]:
         """The hub's own upkeep, run by the worker that holds the leader lock: publish a CRL before the current one
-        is half-way to its nextUpdate, and renew the OCSP signer, service and hub-client certificates in the last
-        third of their lives. Returns what was done."""
+        is half-way to its nextUpdate, renew the OCSP signer, service and hub-client certificates in the last
+        third of their lives, and lift restrictions whose cool-down is over. Returns what was done."""
         done = self.crl_job(actor=actor)
         before = (
             self.ca.files.read(OCSP_SIGNER_KEY).serial_number if self.ca.files.path(OCSP_SIGNER_KEY).exists() else None
@@ -444,6 +627,9 @@ class Hub:
             done.append("service")
         if self.identities.ensure_hub_client(actor=actor):
             done.append("hub-client")
+        if self.identities.ensure_command_signer(actor=actor):
+            done.append("command-signer")
+        done += self.lift_expired_restrictions(actor=actor)
         return done
 
     def crl_job(self, *, actor: str = "hub") -> list[str]:
@@ -599,6 +785,7 @@ class HubIdentities:
 
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
+        self._signer: tuple[tuple[int, int], x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
 
     @property
     def operator_provided(self) -> bool:
@@ -635,6 +822,46 @@ class HubIdentities:
             Profile.HUB_CLIENT,
             actor,
         )
+
+    def ensure_command_signer(self, *, actor: str) -> bool:
+        """Issue or rotate (fresh key, in the last third of its life) the command-signing certificate."""
+        settings = self._hub.settings
+        return self._ensure(
+            settings.data_dir / COMMAND_SIGNER_CERT_FILE,
+            settings.data_dir / COMMAND_SIGNER_KEY_FILE,
+            (f"commands.{settings.fleet_domain}",),
+            Profile.COMMAND_SIGNER,
+            actor,
+        )
+
+    def command_signer(self, *, _repair: bool = True) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        """The current command-signing certificate and key (issued on first use)."""
+        settings = self._hub.settings
+        cert_path, key_path = settings.data_dir / COMMAND_SIGNER_CERT_FILE, settings.data_dir / COMMAND_SIGNER_KEY_FILE
+        if not cert_path.exists() or not key_path.exists():
+            self.ensure_command_signer(actor="hub")
+        version = (cert_path.stat().st_mtime_ns, key_path.stat().st_mtime_ns)
+        cached = self._signer
+        if cached is not None and cached[0] == version:
+            return cached[1], cached[2]
+        certificate = x509.load_pem_x509_certificates(read_limited(cert_path, 256 * 1024, what=str(cert_path)))[0]
+        key = serialization.load_pem_private_key(
+            read_limited(key_path, 64 * 1024, what=str(key_path)), password=self.key_password()
+        )
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigurationError(f"{key_path} does not hold an EC key")
+        unusable = (
+            key.public_key() != certificate.public_key() or certificate.not_valid_after_utc <= self._hub.clock.now()
+        )
+        if unusable and _repair:
+            # Read in the middle of a rotation by another process (the key is written first), or left to expire
+            # because no leader ran the jobs: make a new pair rather than sign what every agent would refuse.
+            self.ensure_command_signer(actor="hub")
+            return self.command_signer(_repair=False)
+        if unusable:
+            raise ConfigurationError("the command-signing certificate and key do not match or have expired")
+        self._signer = (version, certificate, key)
+        return certificate, key
 
     def _key_matches(self, key_path: Path, certificate: x509.Certificate) -> bool:
         """Whether the key file holds the certificate's key: a crash between writing the two (the key goes first)
@@ -679,12 +906,21 @@ class HubIdentities:
         return True
 
 
+def _validity(settings: Settings) -> dict[Profile, dt.timedelta]:
+    validity = {p: dt.timedelta(days=getattr(settings, _VALIDITY[p])) for p in Profile}
+    if settings.device_validity_minutes is not None:
+        for profile in (Profile.DEVICE, Profile.GATEWAY):
+            validity[profile] = dt.timedelta(minutes=settings.device_validity_minutes)
+    return validity
+
+
 _VALIDITY = {
     Profile.DEVICE: "device_validity_days",
     Profile.GATEWAY: "gateway_validity_days",
     Profile.SERVICE: "service_validity_days",
     Profile.HUB_CLIENT: "hub_client_validity_days",
     Profile.OCSP_SIGNER: "ocsp_signer_validity_days",
+    Profile.COMMAND_SIGNER: "command_signer_validity_days",
 }
 
 
@@ -875,6 +1111,15 @@ def migrate_database(settings: Settings) -> str | None:
         db.dispose()
 
 
+def _access(state: DeviceState, restricted: bool) -> Access:
+    """A device's broker rights: those of its state when it is quarantined, disabled or decommissioned, else
+    restricted or normal."""
+    access = _BROKER_ACCESS.get(state)
+    if access is not None:
+        return access
+    return Access.RESTRICTED if restricted else Access.NORMAL
+
+
 def _describe(error: BaseException) -> str:
     return error.message if isinstance(error, WardenError) else type(error).__name__
 
@@ -882,3 +1127,40 @@ def _describe(error: BaseException) -> str:
 def _crl_pem(crl: PublishedCrl) -> bytes:
     """The broker reads its CRL as PEM; the hub keeps and serves it as DER."""
     return x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM)
+
+
+class CommandDispatcher(threading.Thread):
+    """Publishes the commands waiting in the outbox over the hub's broker link, a few times a second, in the one
+    process that holds the link (any worker or the CLI may have recorded them)."""
+
+    def __init__(self, hub: Hub, link: HubLink, *, interval: float = 0.2) -> None:
+        super().__init__(name="warden-commands", daemon=True)
+        self._hub = hub
+        self._link = link
+        self._interval = interval
+        self._stop = threading.Event()
+        self._failures = 0
+
+    def _publish(self, topic: str, payload: bytes) -> bool:
+        """True once the broker acknowledged the command (it then holds it for the device's persistent session);
+        a command not acknowledged stays pending and goes out again (the agent ignores a counter it has seen)."""
+        if not self._link.connected:
+            return False
+        return self._link.publish(topic, payload, qos=1).wait(5.0)
+
+    def run(self) -> None:
+        send = self._hub.command_publisher(self._publish)
+        while not self._stop.wait(self._interval):
+            if not self._link.connected:
+                continue
+            try:
+                self._hub.commands.dispatch(send)
+                self._failures = 0
+            except Exception:
+                self._failures += 1
+                if self._failures == 1 or self._failures % 100 == 0:
+                    log.exception("dispatching commands failed (%d in a row)", self._failures)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join(10)

@@ -34,6 +34,7 @@ from schemathesis.specs.openapi.checks import (
 from tests.conftest import make_csr
 from tests.hubserver import ManufacturerCA
 from warden.api import ACTION_KEY, create_app
+from warden.broker import Flood
 from warden.hub import Hub
 from warden.policy import ROLE_ACTIONS, Action, Role
 
@@ -60,12 +61,16 @@ def seed(hub: Hub, tmp: Path) -> dict[str, dict[str, Any]]:
     enrollment, _ = hub.provisioning.add_token_enrollment("dev-enrolled", actor="test")
     other = ManufacturerCA(tmp / "other", name="Other Devices CA")
     victim, _ = hub.tokens.create(role=Role.VIEWER, expires_in=dt.timedelta(days=1), actor="test", name="victim")
+    # A device restricted for flooding, to be released (once: then it answers 409).
+    hub.devices.add_device("dev-restricted", actor="test")
+    hub.restrict_for_flooding([Flood("dev-restricted", rate=99.0, limit=50.0, window=10.0, messages=990)])
     serial = issued.record.serial_hex
     return {
         "GET /api/v1/devices/{device_id}": {"path_parameters": {"device_id": "dev-1"}},
         "GET /api/v1/devices/{device_id}/certificates": {"path_parameters": {"device_id": "dev-1"}},
         "POST /api/v1/devices/{device_id}/state": {"path_parameters": {"device_id": "dev-state"}},
         "POST /api/v1/devices/{device_id}/rearm": {"path_parameters": {"device_id": "dev-onboarded"}},
+        "POST /api/v1/devices/{device_id}/unrestrict": {"path_parameters": {"device_id": "dev-restricted"}},
         "GET /api/v1/certificates/{serial}": {"path_parameters": {"serial": serial}},
         "POST /api/v1/certificates/{serial}/revoke": {
             "path_parameters": {"serial": serial},
@@ -80,6 +85,7 @@ def seed(hub: Hub, tmp: Path) -> dict[str, dict[str, Any]]:
         "GET /api/v1/enrollment-groups/{name}": {"path_parameters": {"name": "maker"}},
         "POST /api/v1/enrollment-groups/{name}/disable": {"path_parameters": {"name": "maker"}},
         "POST /api/v1/enrollment-groups/{name}/enable": {"path_parameters": {"name": "maker"}},
+        "POST /api/v1/enrollment-groups/{name}/flood-limit": {"path_parameters": {"name": "maker"}},
         "GET /api/v1/enrollments/{enrollment_id}": {"path_parameters": {"enrollment_id": enrollment.id}},
         "POST /api/v1/enrollments/{enrollment_id}/revoke": {"path_parameters": {"enrollment_id": enrollment.id}},
         # Never one of the tokens the runs use (only security-admin may revoke; once revoked it answers 409).

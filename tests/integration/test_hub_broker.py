@@ -4,7 +4,6 @@ hub repairs a change made to the broker behind its back."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -13,17 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import pkcs7
 
 from tests.brokerkit import mosquitto_pub
-from tests.hubserver import HubServer, csr_der, start_hub
+from tests.hubserver import HubServer, enroll_with_token, start_hub
 from tests.integration._interop import Interop, eventually
 from warden.broker import Access, BrokerAdmin, access_commands
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="needs mosquitto-clients")
 
-NO_SUBSCRIBERS, NOT_AUTHORIZED = 16, 135
+NOT_AUTHORIZED = 135
+#: PUBACK reason codes of an authorised publish: success (the hub's own link subscribes to device topics), or "no
+#: matching subscribers" while that link is (re)connecting
+ALLOWED = (0, 16)
 
 
 @pytest.fixture
@@ -36,28 +36,7 @@ def hub(tmp_path: Path) -> Iterator[HubServer]:
 
 
 def enroll(hub: HubServer, device_id: str, work: Path) -> tuple[Path, Path, int]:
-    """Onboard ``device_id`` with a one-time token over EST; its certificate (with the issuing CA) and key files."""
-    token = json.loads(hub.warden("enrollment", "add", device_id, "--token", "--json").stdout)["token"]
-    csr, key = csr_der(device_id)
-    with hub.client() as client:
-        answer = client.post(
-            "/.well-known/est/simpleenroll",
-            content=base64.b64encode(csr),
-            headers={"Content-Type": "application/pkcs10", "Authorization": f"Bearer {token}"},
-        )
-        assert answer.status_code == 200, answer.text
-        cacerts = client.get("/.well-known/est/cacerts")
-    leaf = pkcs7.load_der_pkcs7_certificates(base64.b64decode(answer.content))[0]
-    issuing = pkcs7.load_der_pkcs7_certificates(base64.b64decode(cacerts.content))[0]
-    cert_path, key_path = work / f"{device_id}.pem", work / f"{device_id}.key"
-    cert_path.write_bytes(
-        leaf.public_bytes(serialization.Encoding.PEM) + issuing.public_bytes(serialization.Encoding.PEM)
-    )
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path, leaf.serial_number
+    return enroll_with_token(hub, device_id, work)
 
 
 def publish(hub: HubServer, device: tuple[Path, Path, int], topic: str) -> int | None:
@@ -68,7 +47,7 @@ def publish(hub: HubServer, device: tuple[Path, Path, int], topic: str) -> int |
 def test_containment_and_revocation_through_the_hub(hub: HubServer, tmp_path: Path) -> None:
     device = enroll(hub, "dev-a", tmp_path)
     other = enroll(hub, "dev-b", tmp_path)
-    assert publish(hub, device, "warden/dev-a/telemetry") == NO_SUBSCRIBERS
+    assert publish(hub, device, "warden/dev-a/telemetry") in ALLOWED
     assert publish(hub, device, "warden/dev-b/telemetry") == NOT_AUTHORIZED
 
     admin = hub.client(headers={"Authorization": f"Bearer {hub.token('operator')}"})
@@ -78,11 +57,11 @@ def test_containment_and_revocation_through_the_hub(hub: HubServer, tmp_path: Pa
         assert answer.status_code == 200, answer.text
         # Applied by the API call itself, not by the next reconciliation.
         assert publish(hub, device, "warden/dev-a/telemetry") == NOT_AUTHORIZED
-        assert publish(hub, device, "warden/dev-a/health") == NO_SUBSCRIBERS
+        assert publish(hub, device, "warden/dev-a/health") in ALLOWED
 
         answer = admin.post("/api/v1/devices/dev-a/state", json={"state": "active", "reason": "test"})
         assert answer.status_code == 200, answer.text
-        assert publish(hub, device, "warden/dev-a/telemetry") == NO_SUBSCRIBERS
+        assert publish(hub, device, "warden/dev-a/telemetry") in ALLOWED
 
         serial = format(device[2], "x")
         answer = security.post(f"/api/v1/certificates/{serial}/revoke", json={"reason": "keyCompromise"})
@@ -91,7 +70,7 @@ def test_containment_and_revocation_through_the_hub(hub: HubServer, tmp_path: Pa
             lambda: True if publish(hub, device, "warden/dev-a/telemetry") is None else None,
             what="the revoked certificate to be refused by the broker",
         )
-        assert publish(hub, other, "warden/dev-b/telemetry") == NO_SUBSCRIBERS
+        assert publish(hub, other, "warden/dev-b/telemetry") in ALLOWED
     finally:
         admin.close()
         security.close()
@@ -106,7 +85,7 @@ def test_the_hub_repairs_the_broker(hub: HubServer, tmp_path: Path) -> None:
         admin.execute(access_commands("dev-a", Access.DISABLED, known=False))
         assert publish(hub, device, "warden/dev-a/telemetry") == NOT_AUTHORIZED
         eventually(
-            lambda: True if publish(hub, device, "warden/dev-a/telemetry") == NO_SUBSCRIBERS else None,
+            lambda: True if publish(hub, device, "warden/dev-a/telemetry") in ALLOWED else None,
             what="reconciliation to remove the exception the registry does not have",
         )
     finally:
@@ -139,7 +118,7 @@ def test_a_broker_that_dies_is_started_again(hub: HubServer, tmp_path: Path) -> 
     )
     assert Path(f"/proc/{second}").exists()
     eventually(
-        lambda: True if publish(hub, device, "warden/dev-a/telemetry") == NO_SUBSCRIBERS else None,
+        lambda: True if publish(hub, device, "warden/dev-a/telemetry") in ALLOWED else None,
         what="the device to publish through the new broker",
     )
     assert "the broker exited; starting it again" in hub.log()

@@ -7,10 +7,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from warden.broker import DeviceActivity, IngestStats
 from warden.monitor import AuditRecord
 from warden.policy import ApiToken
 from warden.provisioning import EnrollmentGroup, IndividualEnrollment
-from warden.registry import CertificateRecord, Device
+from warden.registry import CertificateRecord, Device, DeviceCommand, Restriction
 
 __all__ = [
     "AuditPage",
@@ -18,6 +19,8 @@ __all__ = [
     "AuditVerifyOut",
     "CertificateOut",
     "CertificatePage",
+    "DeviceActivityOut",
+    "DeviceDetailOut",
     "DeviceIn",
     "DeviceOut",
     "DevicePage",
@@ -27,8 +30,11 @@ __all__ = [
     "EnrollmentIn",
     "EnrollmentOut",
     "EnrollmentPage",
+    "FloodLimitIn",
+    "IngestStatsOut",
     "Problem",
     "ReasonIn",
+    "RestrictionOut",
     "RevokeIn",
     "StateChangeIn",
     "TokenCreated",
@@ -44,6 +50,7 @@ TagValue = Annotated[str, Field(max_length=256)]
 #: key through in the schema while the server refuses it
 TagMap = Annotated[dict[TagKey, TagValue], Field(max_length=64, json_schema_extra={"additionalProperties": False})]
 Reason = Annotated[str, Field(max_length=512)]
+FloodLimit = Annotated[int, Field(ge=1, le=1_000_000)]
 Pem = Annotated[str, Field(min_length=1, max_length=256 * 1024)]
 
 
@@ -76,6 +83,7 @@ class DeviceOut(BaseModel):
     tags: dict[str, str]
     groups: list[str]
     onboarding_fingerprint: str | None
+    enrollment_group: str | None = None
     created_at: dt.datetime
     updated_at: dt.datetime
 
@@ -88,8 +96,103 @@ class DeviceOut(BaseModel):
             tags=dict(device.tags),
             groups=list(device.groups),
             onboarding_fingerprint=device.onboarding_fingerprint,
+            enrollment_group=device.enrollment_group,
             created_at=device.created_at,
             updated_at=device.updated_at,
+        )
+
+
+class MetricOut(BaseModel):
+    count: int
+    last: float
+    min: float
+    max: float
+
+
+class HealthOut(BaseModel):
+    status: str
+    checks: dict[str, str]
+    at: dt.datetime | None
+
+
+class EventOut(BaseModel):
+    type: str
+    at: dt.datetime | None
+
+
+class DeviceActivityOut(BaseModel):
+    """What the hub's ingest recorded of the device's messages."""
+
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+    messages: dict[str, int]
+    duplicates: int
+    malformed: int
+    last_malformed_reason: str | None
+    last_malformed_at: dt.datetime | None
+    seq: int | None
+    telemetry: dict[str, MetricOut]
+    health: HealthOut | None
+    last_event: EventOut | None
+
+    @classmethod
+    def of(cls, activity: DeviceActivity) -> DeviceActivityOut:
+        return cls(
+            first_seen=activity.first_seen,
+            last_seen=activity.last_seen,
+            messages={"telemetry": activity.telemetry, "health": activity.health, "events": activity.events},
+            duplicates=activity.duplicates,
+            malformed=activity.malformed,
+            last_malformed_reason=activity.last_malformed_reason,
+            last_malformed_at=activity.last_malformed_at,
+            seq=activity.seq,
+            telemetry={
+                name: MetricOut(count=m.count, last=m.last, min=m.min, max=m.max)
+                for name, m in sorted(activity.metrics.items())
+            },
+            health=HealthOut(status=activity.health_status, checks=dict(activity.health_checks), at=activity.health_at)
+            if activity.health_status is not None
+            else None,
+            last_event=EventOut(type=activity.last_event_type, at=activity.last_event_at)
+            if activity.last_event_type is not None
+            else None,
+        )
+
+
+class RestrictionOut(BaseModel):
+    since: dt.datetime
+    until: dt.datetime | None
+    reason: str
+    by: str
+    details: dict[str, Any]
+
+    @classmethod
+    def of(cls, restriction: Restriction) -> RestrictionOut:
+        return cls(
+            since=restriction.since,
+            until=restriction.until,
+            reason=restriction.reason,
+            by=restriction.actor,
+            details=dict(restriction.details),
+        )
+
+
+class DeviceDetailOut(DeviceOut):
+    """One device with what the ingest knows of it and its restriction, if any."""
+
+    last_seen: dt.datetime | None
+    activity: DeviceActivityOut | None
+    restriction: RestrictionOut | None
+
+    @classmethod
+    def detail(
+        cls, device: Device, activity: DeviceActivity | None, restriction: Restriction | None
+    ) -> DeviceDetailOut:
+        return cls(
+            **DeviceOut.of(device).model_dump(),
+            last_seen=activity.last_seen if activity else None,
+            activity=DeviceActivityOut.of(activity) if activity else None,
+            restriction=RestrictionOut.of(restriction) if restriction else None,
         )
 
 
@@ -159,6 +262,12 @@ class EnrollmentGroupIn(_In):
     tags: TagMap = {}
     allow: Annotated[list[DeviceId], Field(max_length=100_000)] = []
     deny: Annotated[list[DeviceId], Field(max_length=100_000)] = []
+    #: messages per second above which a device of the group is restricted; None: the hub's default
+    flood_limit: FloodLimit | None = None
+
+
+class FloodLimitIn(_In):
+    flood_limit: FloodLimit | None
 
 
 class EnrollmentGroupOut(BaseModel):
@@ -172,6 +281,7 @@ class EnrollmentGroupOut(BaseModel):
     enabled: bool
     allow: list[str]
     deny: list[str]
+    flood_limit: int | None = None
     created_at: dt.datetime
     updated_at: dt.datetime
 
@@ -188,6 +298,7 @@ class EnrollmentGroupOut(BaseModel):
             enabled=group.enabled,
             allow=sorted(group.allow),
             deny=sorted(group.deny),
+            flood_limit=group.flood_limit,
             created_at=group.created_at,
             updated_at=group.updated_at,
         )
@@ -309,3 +420,58 @@ class TokenOut(BaseModel):
 class TokenCreated(TokenOut):
     #: the API token, shown in this response only
     token: str
+
+
+class IngestStatsOut(BaseModel):
+    """The ingest's totals since the database was created."""
+
+    processed: int
+    accepted: int
+    malformed: int
+    duplicates: int
+    unknown_devices: int
+    invalid_topic: int
+    overflow: int
+    restricted_for_flooding: int
+    flushes: int
+    average_batch: float
+    largest_batch: int
+    last_batch: int
+    last_flush_at: dt.datetime | None
+    restricted_now: list[str]
+
+    @classmethod
+    def of(cls, stats: IngestStats, restricted_now: list[str]) -> IngestStatsOut:
+        return cls(**stats.to_json(), restricted_now=restricted_now)
+
+
+class CommandIn(_In):
+    name: Literal["ping", "report-health", "renew-certificate"]
+
+
+class CommandOut(BaseModel):
+    id: str
+    device_id: str
+    counter: int
+    name: str
+    actor: str
+    state: str
+    created_at: dt.datetime
+    sent_at: dt.datetime | None
+    result: str | None
+    result_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, command: DeviceCommand) -> CommandOut:
+        return cls(
+            id=command.id,
+            device_id=command.device_id,
+            counter=command.counter,
+            name=command.name,
+            actor=command.actor,
+            state=str(command.state),
+            created_at=command.created_at,
+            sent_at=command.sent_at,
+            result=command.result,
+            result_at=command.result_at,
+        )

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -35,7 +37,7 @@ from warden.api._logging import configure_logging
 from warden.api._metrics import Metrics
 from warden.broker import LocalBroker
 from warden.core import TLS12_CIPHERS, ConfigurationError, Settings
-from warden.hub import Hub
+from warden.hub import CommandDispatcher, Hub
 from warden.store import LeaderLock
 
 __all__ = ["TlsContexts", "WardenHttpProtocol", "prepare", "serve"]
@@ -231,6 +233,25 @@ async def _jobs_loop(hub: Hub, tls: TlsContexts, metrics: Metrics, wake: asyncio
             metrics.crl_next_update.set(crl.next_update.timestamp())
 
 
+def _raise_open_file_limit() -> None:
+    """The soft open-file limit (often 1,024) up to the hard one: with one worker, the HTTP connections this process
+    serves and the ingest's broker connection share one table, and the link must not fail to reconnect because
+    clients hold every descriptor (it waits with epoll, so a high descriptor number is fine)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _freeze_startup_objects() -> None:
+    """Move everything made so far (modules, the app, the hub's services: hundreds of thousands of objects) out of
+    the garbage collector's reach. A full collection walks every tracked object with the GIL held: measured
+    200-400 ms here, during which the ingest's link reads nothing and the broker drops what it cannot queue
+    (docs/adr/0007-ingest.md). What was made at start lives as long as the process anyway."""
+    gc.collect()
+    gc.freeze()
+
+
 def _still_held(lock: LeaderLock) -> bool:
     return lock.held
 
@@ -267,6 +288,7 @@ def _worker(settings: Settings, sock: socket.socket) -> None:
             backlog=2048,
         )
         server = uvicorn.Server(config)
+        _freeze_startup_objects()
         jobs = asyncio.create_task(_jobs_loop(hub, tls, metrics, wake))
         try:
             await server.serve(sockets=[sock])
@@ -295,17 +317,32 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, announce: C
                 "several workers need PostgreSQL", hint="SQLite runs one worker; set database_url to PostgreSQL"
             )
         prepare(hub)
-        # The embedded broker belongs to this process (the workers administer it over its socket).
+        _raise_open_file_limit()
+        # The embedded broker belongs to this process (the workers administer it over its socket), and so does the
+        # ingest: its MQTT connection uses the hub-client certificate, whose one session a second connection would
+        # take over, so it runs here and in no worker.
         broker = hub.start_broker()
         supervisor = _BrokerSupervisor(hub, broker) if broker is not None else None
+        pipeline = hub.ingest_pipeline() if broker is not None else None
+        dispatcher: CommandDispatcher | None = None
         # uvicorn ends its graceful shutdown by raising the signal it caught again, to the handler that was there
         # before it: with Python's default one the process would die on the spot and leave the broker running.
         signal.signal(signal.SIGTERM, _exit_on_signal)
         try:
             if supervisor is not None:
                 supervisor.start()
+            if pipeline is not None:
+                pipeline.start()
+                announce("ingest: reading devices' telemetry, health and events with the hub-client certificate")
+                dispatcher = CommandDispatcher(hub, pipeline.link)
+                dispatcher.start()
+            _freeze_startup_objects()
             _listen(settings, host=host, port=port, workers=workers, announce=announce, broker=broker)
         finally:
+            if dispatcher is not None:
+                dispatcher.stop()
+            if pipeline is not None:
+                pipeline.stop()  # the last batch is written before the broker goes
             if supervisor is not None:
                 supervisor.stop()
             if broker is not None:

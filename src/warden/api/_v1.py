@@ -17,6 +17,9 @@ from warden.api._schemas import (
     AuditVerifyOut,
     CertificateOut,
     CertificatePage,
+    CommandIn,
+    CommandOut,
+    DeviceDetailOut,
     DeviceIn,
     DeviceOut,
     DevicePage,
@@ -26,6 +29,8 @@ from warden.api._schemas import (
     EnrollmentIn,
     EnrollmentOut,
     EnrollmentPage,
+    FloodLimitIn,
+    IngestStatsOut,
     Problem,
     ReasonIn,
     RevokeIn,
@@ -120,9 +125,61 @@ def add_device(request: Request, body: DeviceIn) -> DeviceOut:
     return DeviceOut.of(device)
 
 
-@router.get("/devices/{device_id}", response_model=DeviceOut, **requires(Action.DEVICE_READ), tags=["devices"])
-def get_device(request: Request, device_id: str) -> DeviceOut:
-    return DeviceOut.of(_hub(request).devices.get_device(device_id))
+@router.get("/devices/{device_id}", response_model=DeviceDetailOut, **requires(Action.DEVICE_READ), tags=["devices"])
+def get_device(request: Request, device_id: str) -> DeviceDetailOut:
+    return _detail(_hub(request), device_id)
+
+
+def _detail(hub: Hub, device_id: str) -> DeviceDetailOut:
+    device = hub.devices.get_device(device_id)
+    return DeviceDetailOut.detail(device, hub.device_activity(device_id), hub.devices.get_restriction(device_id))
+
+
+@router.post(
+    "/devices/{device_id}/unrestrict",
+    response_model=DeviceDetailOut,
+    **requires(Action.DEVICE_MANAGE),
+    tags=["devices"],
+)
+def unrestrict_device(request: Request, device_id: str, body: ReasonIn) -> DeviceDetailOut:
+    hub = _hub(request)
+    hub.unrestrict_device(device_id, actor=_actor(request), reason=body.reason)
+    return _detail(hub, device_id)
+
+
+@router.post(
+    "/devices/{device_id}/commands",
+    response_model=CommandOut,
+    status_code=202,
+    **requires(Action.DEVICE_MANAGE),
+    tags=["devices"],
+)
+def send_command(request: Request, device_id: str, body: CommandIn) -> CommandOut:
+    """Record a signed command for the device; the hub's broker link delivers it (state ``sent``), and the device's
+    answer closes it (``done``, ``failed`` or ``rejected``)."""
+    return CommandOut.of(_hub(request).commands.send(device_id, body.name, actor=_actor(request)))
+
+
+@router.get(
+    "/devices/{device_id}/commands",
+    response_model=list[CommandOut],
+    **requires(Action.DEVICE_READ),
+    tags=["devices"],
+)
+def list_commands(request: Request, device_id: str) -> list[CommandOut]:
+    return [CommandOut.of(c) for c in _hub(request).commands.list(device_id, limit=100)]
+
+
+@router.get("/commands/{command_id}", response_model=CommandOut, **requires(Action.DEVICE_READ), tags=["devices"])
+def get_command(request: Request, command_id: str) -> CommandOut:
+    return CommandOut.of(_hub(request).commands.get(command_id))
+
+
+@router.get("/ingest", response_model=IngestStatsOut, **requires(Action.DEVICE_READ), tags=["devices"])
+def ingest_status(request: Request) -> IngestStatsOut:
+    hub = _hub(request)
+    restricted = [r.device_id for r in hub.devices.list_restrictions()]
+    return IngestStatsOut.of(hub.ingest_stats(), restricted)
 
 
 @router.post("/devices/{device_id}/state", response_model=DeviceOut, **requires(Action.DEVICE_MANAGE), tags=["devices"])
@@ -230,6 +287,7 @@ def add_enrollment_group(request: Request, body: EnrollmentGroupIn) -> Enrollmen
         tags=body.tags,
         allow=body.allow,
         deny=body.deny,
+        flood_limit=body.flood_limit,
     )
     _trust_changed(request)
     return EnrollmentGroupOut.of(group)
@@ -254,6 +312,17 @@ def get_enrollment_group(request: Request, name: str) -> EnrollmentGroupOut:
 def disable_enrollment_group(request: Request, name: str) -> EnrollmentGroupOut:
     group = _hub(request).provisioning.set_group_enabled(name, False, actor=_actor(request))
     _trust_changed(request)
+    return EnrollmentGroupOut.of(group)
+
+
+@router.post(
+    "/enrollment-groups/{name}/flood-limit",
+    response_model=EnrollmentGroupOut,
+    **requires(Action.ENROLLMENT_MANAGE),
+    tags=["enrollments"],
+)
+def set_enrollment_group_flood_limit(request: Request, name: str, body: FloodLimitIn) -> EnrollmentGroupOut:
+    group = _hub(request).provisioning.set_group_flood_limit(name, body.flood_limit, actor=_actor(request))
     return EnrollmentGroupOut.of(group)
 
 

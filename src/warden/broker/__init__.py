@@ -1,7 +1,17 @@
 """The broker context: the device topic scheme, how rights are expressed to Mosquitto (an ACL file of patterns for
 every device, the dynamic security plugin for exceptions), the broker's configuration, and running and
-administering a local Mosquitto. See docs/adr/0005-broker-rights.md."""
+administering a local Mosquitto, the hub's data connection (``HubLink``) and the ingest of what devices publish.
+See docs/adr/0005-broker-rights.md and docs/ingest.md."""
 
+from warden.broker._commands import (
+    COMMAND_NAMES,
+    COMMAND_SIGNING_EKU,
+    MAX_COMMAND_BYTES,
+    Command,
+    CommandRejectedError,
+    CommandVerifier,
+    sign_command,
+)
 from warden.broker._config import MosquittoConfig, render_config
 from warden.broker._dynsec import (
     CONTROL_TOPIC,
@@ -11,8 +21,38 @@ from warden.broker._dynsec import (
     initial_state,
     state_exceptions,
 )
+from warden.broker._ingest import (
+    Batch,
+    DeviceActivity,
+    DevicePending,
+    Flood,
+    FloodWatch,
+    Ingest,
+    IngestConfig,
+    IngestRecorder,
+    IngestStats,
+    IngestStore,
+    IngestTransactions,
+    IngestUnitOfWork,
+    MetricSummary,
+    RecordResult,
+    merge_activity,
+    metrics_from_json,
+    metrics_json,
+)
+from warden.broker._link import Delivery, HubLink, LinkOptions, LinkStatus, client_tls_context
 from warden.broker._local import BrokerLayout, LocalBroker
+from warden.broker._messages import (
+    MAX_MESSAGE_BYTES,
+    MESSAGE_VERSION,
+    Event,
+    Health,
+    Telemetry,
+    decode_message,
+    encode_message,
+)
 from warden.broker._mosquitto import BrokerAdmin, MosquittoProcess, find_dynsec_plugin, find_mosquitto
+from warden.broker._pipeline import IngestPipeline
 from warden.broker._rights import ADMIN_USERNAME, acl_file, exception_role, role_name
 from warden.broker._topics import (
     DEVICE_PUBLISHES,
@@ -26,27 +66,64 @@ from warden.broker._topics import (
 )
 
 __all__ = [
+    "COMMAND_NAMES",
+    "COMMAND_SIGNING_EKU",
+    "MAX_COMMAND_BYTES",
+    "Command",
+    "CommandRejectedError",
+    "CommandVerifier",
+    "sign_command",
     "ADMIN_USERNAME",
     "CONTROL_TOPIC",
+    "MAX_MESSAGE_BYTES",
+    "MESSAGE_VERSION",
     "DEVICE_PUBLISHES",
     "DEVICE_RECEIVES",
     "RESPONSE_TOPIC",
     "TOPIC_ROOT",
     "Access",
+    "Batch",
     "BrokerAdmin",
     "BrokerLayout",
+    "Delivery",
+    "DeviceActivity",
+    "DevicePending",
+    "Event",
+    "Flood",
+    "FloodWatch",
+    "Health",
+    "HubLink",
+    "Ingest",
+    "IngestConfig",
+    "IngestPipeline",
+    "IngestRecorder",
+    "IngestStats",
+    "IngestStore",
+    "IngestTransactions",
+    "IngestUnitOfWork",
+    "LinkOptions",
+    "LinkStatus",
     "LocalBroker",
+    "MetricSummary",
     "MosquittoConfig",
     "MosquittoProcess",
+    "RecordResult",
     "Rights",
+    "Telemetry",
     "access_commands",
     "acl_file",
+    "client_tls_context",
+    "decode_message",
+    "encode_message",
     "device_topic",
     "exception_role",
     "find_dynsec_plugin",
     "find_mosquitto",
     "hash_password",
     "initial_state",
+    "merge_activity",
+    "metrics_from_json",
+    "metrics_json",
     "parse_device_topic",
     "render_config",
     "rights",

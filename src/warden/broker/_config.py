@@ -41,9 +41,15 @@ class MosquittoConfig:
     persistence_dir: Path
     #: the account Mosquitto runs as (it drops to it when started as root)
     user: str
-    #: per-client limits: the largest message, and QoS 1/2 messages queued for an offline persistent session
+    #: per-client limits: the largest message; QoS 1/2 messages queued for a client (beyond those in flight: for a
+    #: persistent session while it is offline, and for the hub's link while it is behind), in number and in bytes;
+    #: and the bytes of QoS 1/2 messages in flight to one client. The queue is long enough for the hub's link to
+    #: absorb a pause of about a second at 20,000 messages/s (docs/adr/0007-ingest.md); the byte limits bound what
+    #: devices sending large messages could make the broker hold for it.
     max_packet_size: int = 256 * 1024
-    max_queued_messages: int = 1000
+    max_queued_messages: int = 20_000
+    max_queued_bytes: int = 64 * 1024 * 1024
+    max_inflight_bytes: int = 16 * 1024 * 1024
 
 
 def _path(value: Path, what: str) -> str:
@@ -83,6 +89,11 @@ def render_config(config: MosquittoConfig) -> str:
     # 0 would mean no limit to Mosquitto: a device offline for long would make it hold messages without end.
     if not isinstance(config.max_queued_messages, int) or not 1 <= config.max_queued_messages <= 1_000_000:
         raise InvalidInputError(f"invalid broker max_queued_messages {config.max_queued_messages!r}")
+    # 0 would mean no limit here too.
+    for name in ("max_queued_bytes", "max_inflight_bytes"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or not 1024 <= value <= 16 * 1024 * 1024 * 1024:
+            raise InvalidInputError(f"invalid broker {name} {value!r}", hint="1 KiB to 16 GiB")
     lines = [
         "# Written by Warden; do not edit: the hub renders this file at every start.",
         f"user {config.user}",
@@ -93,6 +104,8 @@ def render_config(config: MosquittoConfig) -> str:
         "autosave_interval 60",
         f"max_packet_size {config.max_packet_size}",
         f"max_queued_messages {config.max_queued_messages}",
+        f"max_queued_bytes {config.max_queued_bytes}",
+        f"max_inflight_bytes {config.max_inflight_bytes}",
         "log_dest stderr",
         "log_type error",
         "log_type warning",

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -27,6 +28,7 @@ from warden.cli._output import (
     enrollment_group_json,
     enrollment_json,
     group_json,
+    restriction_json,
     table,
     token_json,
 )
@@ -45,7 +47,7 @@ from warden.hub import Hub, initialise
 from warden.pki import Profile
 from warden.policy import parse_role
 from warden.provisioning import EnrollmentStatus
-from warden.registry import CertificateStatus, DeviceState, parse_reason
+from warden.registry import CertificateStatus, CommandState, DeviceState, parse_reason
 
 __all__ = ["app", "main", "run"]
 
@@ -67,11 +69,13 @@ enrollment_app = typer.Typer(help="Onboarding: enrollment groups and individual 
 enrollment_group_app = typer.Typer(help="Enrollment groups: trust a manufacturer CA.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens for the operator REST API.", no_args_is_help=True)
 broker_app = typer.Typer(help="The embedded MQTT broker that warden serve runs.", no_args_is_help=True)
+ingest_app = typer.Typer(help="What devices publish, as warden serve ingests it.", no_args_is_help=True)
 enrollment_app.add_typer(enrollment_group_app, name="group")
 for sub, name in (
     (enrollment_app, "enrollment"),
     (token_app, "token"),
     (broker_app, "broker"),
+    (ingest_app, "ingest"),
     (ca_app, "ca"),
     (group_app, "group"),
     (device_app, "device"),
@@ -361,20 +365,61 @@ def device_list(
 
 @device_app.command("show")
 def device_show(device_id: Annotated[str, typer.Argument(metavar="ID")], as_json: JsonOpt = False) -> None:
-    """Show one device and its certificates."""
+    """Show one device: its certificates, its activity (last seen, messages, telemetry summary, last health and
+    event) and any restriction."""
     hub = _hub()
     device = hub.devices.get_device(device_id)
     certs = hub.certificates.find(device_id=device_id)
+    activity = hub.device_activity(device_id)
+    restriction = hub.devices.get_restriction(device_id)
     if as_json:
-        emit_json(device_json(device) | {"certificates": [certificate_json(c) for c in certs]})
+        emit_json(
+            device_json(device)
+            | {
+                "certificates": [certificate_json(c) for c in certs],
+                "last_seen": activity.last_seen.isoformat() if activity else None,
+                "activity": activity.to_json() if activity else None,
+                "restriction": restriction_json(restriction) if restriction else None,
+            }
+        )
         return
     typer.echo(f"device {device.id} ({device.display_name}): {device.state}")
     typer.echo(f"  groups: {', '.join(device.groups) or '-'}")
     typer.echo(f"  tags: {', '.join(f'{k}={v}' for k, v in device.tags.items()) or '-'}")
     typer.echo(f"  onboarding identity: {device.onboarding_fingerprint or '-'}")
+    if device.enrollment_group:
+        typer.echo(f"  enrollment group: {device.enrollment_group}")
     typer.echo(f"  created {device.created_at.isoformat()}, updated {device.updated_at.isoformat()}")
     for c in certs:
         typer.echo(f"  certificate {c.serial_hex} {c.profile} {c.status} until {c.not_after.isoformat()}")
+    if restriction is not None:
+        until = restriction.until.isoformat(timespec="seconds") if restriction.until else "an operator lifts it"
+        details = ", ".join(f"{k} {v}" for k, v in sorted(restriction.details.items()))
+        typer.echo(f"  RESTRICTED ({restriction.reason}{': ' + details if details else ''}) until {until}")
+        typer.echo(f"    lift it: warden device unrestrict {device.id}")
+    if activity is None:
+        typer.echo("  last seen: never")
+        return
+    typer.echo(f"  last seen: {activity.last_seen.isoformat(timespec='seconds')}")
+    typer.echo(
+        f"  messages: telemetry {activity.telemetry}, health {activity.health}, events {activity.events}; "
+        f"duplicates {activity.duplicates}, malformed {activity.malformed}"
+        + (f"; sequence {activity.seq}" if activity.seq is not None else "")
+    )
+    if activity.malformed:
+        typer.echo(f"  last malformed: {activity.last_malformed_reason}")
+    if activity.health_status is not None:
+        # A check's result is the device's own text: shown escaped, never as terminal control sequences.
+        checks = ", ".join(f"{k}={_shown(v)}" for k, v in sorted(activity.health_checks.items())[:20])
+        typer.echo(f"  health: {activity.health_status}{' (' + checks + ')' if checks else ''}")
+    if activity.last_event_type is not None:
+        typer.echo(f"  last event: {activity.last_event_type}")
+    for name, m in sorted(activity.metrics.items()):
+        typer.echo(f"  telemetry {name}: last {m.last:g}, min {m.min:g}, max {m.max:g} ({m.count} readings)")
+
+
+def _shown(text: str) -> str:
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _transition(device_id: str, target: DeviceState, reason: str) -> None:
@@ -410,6 +455,57 @@ def device_quarantine(device_id: Annotated[str, typer.Argument(metavar="ID")], r
 def device_decommission(device_id: Annotated[str, typer.Argument(metavar="ID")], reason: ReasonOpt = "") -> None:
     """Any state -> decommissioned (final); revokes every certificate of the device."""
     _transition(device_id, DeviceState.DECOMMISSIONED, reason)
+
+
+@device_app.command("unrestrict")
+def device_unrestrict(device_id: Annotated[str, typer.Argument(metavar="ID")], reason: ReasonOpt = "") -> None:
+    """Lift a device's restriction (e.g. for flooding): it gets the broker rights of its state again at once."""
+    _hub().unrestrict_device(device_id, actor=_actor(), reason=reason)
+    typer.echo(f"device {device_id} is no longer restricted")
+
+
+@device_app.command("command")
+def device_command(
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="ping, report-health or renew-certificate.")],
+    wait: Annotated[
+        float, typer.Option("--wait", min=0, max=600, help="Seconds to wait for the device's answer (0: do not).")
+    ] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send a signed command to a device (delivered by a running hub over its broker link; the device verifies the
+    signature and a per-device counter, and reports the result)."""
+    hub = _hub()
+    command = hub.commands.send(device_id, name, actor=_actor())
+    deadline = time.monotonic() + wait
+    while wait and command.state in (CommandState.PENDING, CommandState.SENT) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        command = hub.commands.get(command.id)
+    if as_json:
+        emit_json(command.to_json())
+        return
+    typer.echo(f"command {command.id} ({name}, counter {command.counter}) for {device_id}: {command.state}")
+    if command.result:
+        typer.echo(f"device answered: {command.result}")
+    if wait and command.state in (CommandState.PENDING, CommandState.SENT):
+        raise typer.Exit(4)
+
+
+@device_app.command("commands")
+def device_commands(
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """The device's latest commands: counter, state, result."""
+    records = _hub().commands.list(device_id, limit=limit)
+    if as_json:
+        emit_json([c.to_json() for c in records])
+        return
+    table(
+        ["counter", "id", "name", "state", "created", "result"],
+        [[c.counter, c.id, c.name, c.state, f"{c.created_at:%Y-%m-%d %H:%M:%S}", c.result or ""] for c in records],
+    )
 
 
 @device_app.command("rebind")
@@ -694,6 +790,16 @@ def enrollment_group_add(
     id_field: Annotated[str, typer.Option("--id-field", help="Where the device id is: cn or serial-number.")] = "cn",
     allow: Annotated[Path | None, typer.Option("--allow", help="File of device ids (one per line) allowed.")] = None,
     deny: Annotated[Path | None, typer.Option("--deny", help="File of device ids (one per line) refused.")] = None,
+    flood_limit: Annotated[
+        int | None,
+        typer.Option(
+            "--flood-limit",
+            min=1,
+            max=1_000_000,
+            help="Messages/s (over the hub's flood window) above which a device of the group is restricted; "
+            "default: the hub's ingest_flood_rate.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Trust a manufacturer CA: devices whose onboarding certificate chains to it enroll themselves."""
@@ -707,6 +813,7 @@ def enrollment_group_add(
         tags=_parse_tags(tag),
         allow=_read_ids(allow),
         deny=_read_ids(deny),
+        flood_limit=flood_limit,
     )
     if as_json:
         emit_json(enrollment_group_json(group))
@@ -754,6 +861,26 @@ def enrollment_group_disable(name: Annotated[str, typer.Argument(metavar="NAME")
     """Stop enrolling through a group (a running hub's TLS trust store follows within seconds)."""
     _hub().provisioning.set_group_enabled(name, False, actor=_actor())
     typer.echo(f"enrollment group {name} disabled")
+
+
+@enrollment_group_app.command("flood-limit")
+def enrollment_group_flood_limit(
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    limit: Annotated[str, typer.Argument(metavar="LIMIT", help="Messages per second, or 'default'.")],
+) -> None:
+    """Set the flood limit of the group's devices (messages per second over the hub's flood window), or go back to
+    the hub's default; the running ingest applies it within 30 seconds."""
+    if limit == "default":
+        value = None
+    elif limit.isdigit() and len(limit) <= 7:
+        value = int(limit)
+    else:
+        raise InvalidInputError(
+            f"invalid flood limit {limit[:20]!r}", hint="a number of messages per second, or 'default'"
+        )
+    group = _hub().provisioning.set_group_flood_limit(name, value, actor=_actor())
+    shown = f"{group.flood_limit} messages/s" if group.flood_limit else "the hub's default"
+    typer.echo(f"enrollment group {name}: flood limit {shown}")
 
 
 @enrollment_group_app.command("enable")
@@ -999,6 +1126,44 @@ def broker_status(json_out: JsonOpt = False) -> None:
         typer.echo("  differs from the registry: 'warden broker reconcile' repairs it (the server does every interval)")
 
 
+@ingest_app.command("status")
+def ingest_status(as_json: JsonOpt = False) -> None:
+    """The ingest's totals since the database was created: messages processed and accepted, malformed, duplicates,
+    from unknown devices, devices restricted for flooding, and the batches they were written in."""
+    hub = _hub()
+    settings = _settings()
+    stats = hub.ingest_stats().to_json()
+    restricted = hub.devices.list_restrictions()
+    data = {
+        **stats,
+        "enabled": settings.hub_link and settings.broker == "local",
+        "restricted_now": [r.device_id for r in restricted],
+        "flood_limit": {
+            "rate": settings.ingest_flood_rate,
+            "window_seconds": settings.ingest_flood_window_seconds,
+            "cooldown_seconds": settings.ingest_flood_cooldown_seconds,
+        },
+    }
+    if as_json:
+        emit_json(data)
+        return
+    typer.echo(f"ingest: {'on' if data['enabled'] else 'off'} (last batch written {stats['last_flush_at'] or 'never'})")
+    typer.echo(f"  processed {stats['processed']}, accepted {stats['accepted']}")
+    typer.echo(
+        f"  malformed {stats['malformed']}, duplicates {stats['duplicates']}, from unknown devices "
+        f"{stats['unknown_devices']}, dropped for overflow {stats['overflow']}"
+    )
+    typer.echo(
+        f"  batches {stats['flushes']} (average {stats['average_batch']}, largest {stats['largest_batch']}, "
+        f"last {stats['last_batch']} messages)"
+    )
+    typer.echo(
+        f"  flood limit {settings.ingest_flood_rate:g} messages/s over {settings.ingest_flood_window_seconds:g} s; "
+        f"restricted for flooding {stats['restricted_for_flooding']}, restricted now {len(restricted)}"
+        + (f": {', '.join(r.device_id for r in restricted[:20])}" if restricted else "")
+    )
+
+
 @broker_app.command("reconcile")
 def broker_reconcile() -> None:
     """Repair any difference between the running broker and the registry now (each repair is audited)."""
@@ -1036,6 +1201,41 @@ def run(argv: list[str] | None = None) -> int:
         if _state.hub is not None:
             _state.hub.close()
     return 0
+
+
+@app.command(
+    "agent",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    help="The device agent (installed alone as warden-agent): run, enroll, status. See docs/agent.md.",
+)
+def agent(ctx: typer.Context) -> None:
+    from warden.agent._cli import main as agent_main
+
+    raise typer.Exit(agent_main(list(ctx.args)))
+
+
+@app.command(
+    "simulate",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    help="A simulated factory and fleet of N real agents against a hub (warden simulate --help).",
+)
+def simulate(ctx: typer.Context) -> None:
+    from warden.agent._cli import main as agent_main
+
+    raise typer.Exit(agent_main(["simulate", *ctx.args]))
+
+
+@app.command("demo")
+def demo(
+    devices: Annotated[int, typer.Option("--devices", min=3, max=200, help="Simulated devices.")] = 20,
+    keep_running: Annotated[
+        bool, typer.Option("--keep-running", help="Leave the hub and its data directory up afterwards.")
+    ] = False,
+) -> None:
+    """Start a hub on embedded defaults (SQLite, local Mosquitto) with a simulated fleet, then contain an impostor."""
+    from warden.cli._demo import run_demo
+
+    raise typer.Exit(run_demo(devices=devices, keep_running=keep_running))
 
 
 def main() -> NoReturn:

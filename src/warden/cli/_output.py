@@ -11,7 +11,7 @@ import typer
 from warden.monitor import AuditRecord
 from warden.policy import ApiToken
 from warden.provisioning import EnrollmentGroup, IndividualEnrollment
-from warden.registry import CertificateRecord, Device, DeviceGroup
+from warden.registry import CertificateRecord, Device, DeviceGroup, Restriction
 
 __all__ = [
     "audit_json",
@@ -21,6 +21,7 @@ __all__ = [
     "enrollment_group_json",
     "enrollment_json",
     "group_json",
+    "restriction_json",
     "table",
     "token_json",
 ]
@@ -42,8 +43,19 @@ def device_json(device: Device) -> dict[str, object]:
         "groups": list(device.groups),
         "tags": dict(device.tags),
         "onboarding_fingerprint": device.onboarding_fingerprint,
+        "enrollment_group": device.enrollment_group,
         "created_at": _time(device.created_at),
         "updated_at": _time(device.updated_at),
+    }
+
+
+def restriction_json(restriction: Restriction) -> dict[str, object]:
+    return {
+        "since": _time(restriction.since),
+        "until": _time(restriction.until),
+        "reason": restriction.reason,
+        "by": restriction.actor,
+        "details": dict(restriction.details),
     }
 
 
@@ -100,6 +112,7 @@ def enrollment_group_json(group: EnrollmentGroup) -> dict[str, object]:
         "ca_fingerprints": list(group.ca_fingerprints),
         "allow": sorted(group.allow),
         "deny": sorted(group.deny),
+        "flood_limit": group.flood_limit,
         "created_at": _time(group.created_at),
         "updated_at": _time(group.updated_at),
     }

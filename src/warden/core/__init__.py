@@ -32,10 +32,11 @@ from warden.core.ids import (
 )
 from warden.core.limits import DEFAULT_LIMITS, Limits
 from warden.core.settings import SETTINGS_FILE, Settings, load_settings, resolve_data_dir, write_settings_file
-from warden.core.tls import TLS12_CIPHERS, TLS13_CIPHERSUITES
+from warden.core.tls import COMMAND_SIGNING_EKU_OID, TLS12_CIPHERS, TLS13_CIPHERSUITES
 from warden.core.tokens import Token, new_token, split_token, token_mac, verify_mac
 
 __all__ = [
+    "COMMAND_SIGNING_EKU_OID",
     "TLS12_CIPHERS",
     "TLS13_CIPHERSUITES",
     "DEFAULT_LIMITS",

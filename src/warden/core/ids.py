@@ -36,6 +36,7 @@ RESERVED_DEVICE_IDS: frozenset[str] = frozenset(
         "api",
         "broker",
         "ca",
+        "commands",
         "crl",
         "est",
         "hub",

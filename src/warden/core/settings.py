@@ -46,8 +46,12 @@ class Settings(BaseSettings):
     issuing_validity_days: int = Field(default=1825, ge=30, le=36500)
     device_validity_days: int = Field(default=30, ge=1, le=825)
     gateway_validity_days: int = Field(default=30, ge=1, le=825)
+    #: when set, device and gateway certificates live this many minutes instead (short-lived identities; tests)
+    device_validity_minutes: int | None = Field(default=None, ge=2, le=825 * 1440)
     service_validity_days: int = Field(default=90, ge=1, le=398)
     hub_client_validity_days: int = Field(default=30, ge=1, le=398)
+    #: the command-signing certificate (rotated with a fresh key in the last third of its life)
+    command_signer_validity_days: int = Field(default=30, ge=1, le=398)
     ocsp_signer_validity_days: int = Field(default=30, ge=1, le=365)
     crl_validity_hours: int = Field(default=168, ge=1, le=24 * 90)
     ocsp_validity_minutes: int = Field(default=60, ge=1, le=7 * 24 * 60)
@@ -90,6 +94,25 @@ class Settings(BaseSettings):
     #: under a stream of writes, how long the server's group commit on SQLite (in its event loop) keeps a batch open
     #: for more (each commit costs an fsync whatever it holds); 0 commits every batch at once
     commit_linger_ms: float = Field(default=6.0, ge=0, le=100)
+
+    # -- ingest: what devices publish, read by warden serve through its broker (docs/ingest.md) --
+    #: whether warden serve connects to its broker with the hub-client certificate: the ingest of what devices
+    #: publish and the hub's messages to devices go over that one connection. Off frees the certificate's one
+    #: session for another client (diagnostics), at the cost of both.
+    hub_link: bool = True
+    #: how often the aggregates of device messages are written, in one transaction each time
+    ingest_flush_seconds: float = Field(default=1.0, ge=0.05, le=60)
+    #: the flood limit: a device that publishes more than this many messages per second, averaged over the window,
+    #: is restricted (health and updates only); an enrollment group can set its own limit
+    ingest_flood_rate: float = Field(default=50.0, gt=0, le=1_000_000)
+    ingest_flood_window_seconds: float = Field(default=10.0, ge=1, le=3600)
+    #: how long a restriction for flooding lasts before the hub lifts it; 0: until an operator lifts it
+    ingest_flood_cooldown_seconds: int = Field(default=900, ge=0, le=30 * 24 * 3600)
+    #: devices whose sequence numbers and message rates the ingest tracks at once (memory stays bounded)
+    ingest_max_devices: int = Field(default=1_000_000, ge=100, le=100_000_000)
+    #: how long the broker keeps the hub's session (its subscriptions and up to max_queued_messages messages) while
+    #: the hub is away
+    ingest_session_expiry_seconds: int = Field(default=300, ge=0, le=7 * 24 * 3600)
 
     @field_validator("fleet_domain")
     @classmethod

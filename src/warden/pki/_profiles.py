@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
+from warden.core import COMMAND_SIGNING_EKU_OID
+
 __all__ = ["PROFILES", "Profile", "ProfileSpec", "RevocationReason"]
 
 
@@ -19,6 +21,7 @@ class Profile(enum.StrEnum):
     SERVICE = "service"
     HUB_CLIENT = "hub-client"
     OCSP_SIGNER = "ocsp-signer"
+    COMMAND_SIGNER = "command-signer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,10 @@ PROFILES: dict[Profile, ProfileSpec] = {
         False,
         "ocsp_signer_validity_days",
         ocsp_no_check=True,
+    ),
+    # signs cloud-to-device commands (warden.broker._commands); agents accept no other key usage for that
+    Profile.COMMAND_SIGNER: ProfileSpec(
+        Profile.COMMAND_SIGNER, (ObjectIdentifier(COMMAND_SIGNING_EKU_OID),), False, "command_signer_validity_days"
     ),
 }
 

@@ -44,6 +44,9 @@ class EnrollmentGroup:
     deny: frozenset[str]
     created_at: dt.datetime
     updated_at: dt.datetime
+    #: messages per second (averaged over the hub's flood window) above which a device enrolled through this group is
+    #: restricted for flooding; None: the hub's default (``ingest_flood_rate``)
+    flood_limit: int | None = None
 
     def admits(self, device_id: str) -> str | None:
         """Why ``device_id`` may not enroll through this group by its lists, or None."""

@@ -161,6 +161,19 @@ def _check_validity(days: int | None) -> int | None:
     return days
 
 
+#: the highest flood limit a group may set (messages per second)
+MAX_FLOOD_LIMIT = 1_000_000
+
+
+def _check_flood_limit(limit: int | None) -> None:
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_FLOOD_LIMIT:
+        raise InvalidInputError(
+            f"a flood limit is 1 to {MAX_FLOOD_LIMIT:,} messages per second", hint="or none for the hub's default"
+        )
+
+
 def _check_ids(ids: Iterable[str], what: str, limits: Limits) -> frozenset[str]:
     result = frozenset(ids)
     if len(result) > limits.max_id_list_entries:
@@ -363,6 +376,9 @@ class _Gate:
         if self._bind:
             assert self.fingerprint is not None
             uow.devices.set_onboarding_fingerprint(self.device_id, self.fingerprint, now)
+        if self.group is not None and (self._bind or self._reonboard):
+            # A device registered before it onboarded, or onboarding again: a new device carries its group already.
+            uow.devices.set_enrollment_group(self.device_id, self.group, now)
         if self._reonboard:
             uow.reonboarding.delete(self.device_id)
             revoked: list[str] = []
@@ -438,8 +454,10 @@ class ProvisioningService:
         tags: Mapping[str, str] | None = None,
         allow: Iterable[str] = (),
         deny: Iterable[str] = (),
+        flood_limit: int | None = None,
     ) -> EnrollmentGroup:
         validate_group_name(name)
+        _check_flood_limit(flood_limit)
         cas = load_ca_bundle(ca_pem, limits=self._limits)
         try:
             field = IdField(id_field)
@@ -470,6 +488,7 @@ class ProvisioningService:
             deny=_check_ids(deny, "deny list", self._limits),
             created_at=now,
             updated_at=now,
+            flood_limit=flood_limit,
         )
         with self._tx() as uow:
             uow.enrollment_groups.insert(group)
@@ -488,6 +507,7 @@ class ProvisioningService:
                         "tags": tags,
                         "allow": len(group.allow),
                         "deny": len(group.deny),
+                        "flood_limit": flood_limit,
                     },
                 ),
             )
@@ -524,6 +544,28 @@ class ProvisioningService:
             )
         self._forget_index()
         return dataclasses.replace(group, enabled=enabled, updated_at=now)
+
+    def set_group_flood_limit(self, name: str, limit: int | None, *, actor: str) -> EnrollmentGroup:
+        """Set the flood limit (messages per second) of devices enrolled through the group; None: the hub's
+        default. A running ingest applies it within 30 seconds (it reads limits again that often)."""
+        _check_flood_limit(limit)
+        with self._tx() as uow:
+            group = uow.enrollment_groups.get(name)
+            if group is None:
+                raise NotFoundError(f"no enrollment group named {name!r}", hint="see 'warden enrollment group list'")
+            now = self._clock.now()
+            uow.enrollment_groups.set_flood_limit(name, limit, now)
+            self._audit.append(
+                uow,
+                AuditEvent(
+                    actor,
+                    "enrollment-group.flood-limit",
+                    f"enrollment-group:{name}",
+                    details={"from": group.flood_limit, "to": limit},
+                ),
+            )
+        self._forget_index()
+        return dataclasses.replace(group, flood_limit=limit, updated_at=now)
 
     # -- individual enrollments ---------------------------------------------------------------------------------
 
@@ -973,6 +1015,7 @@ class ProvisioningService:
             updated_at=now,
             tags=dict(group.tags) if group is not None else {},
             onboarding_fingerprint=onboarding.fingerprint,
+            enrollment_group=group.name if group is not None else None,
         )
         return self._plan(device_id, csr, actor, action, profile, validity_days, gate, new_device)
 
@@ -1068,6 +1111,9 @@ class ProvisioningService:
             profile=Profile(profile),
             validity=dt.timedelta(days=validity_days) if validity_days else None,
             renew=renew,
+            # A re-enrollment supersedes the certificate it was authenticated with: revoked, so that a copy of the
+            # old key is worth nothing (the agent reconnects with the new certificate at once).
+            revoke_superseded=renew,
             new_device=new_device,
             hooks=gate,
         )

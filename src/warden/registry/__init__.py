@@ -11,6 +11,14 @@ from warden.registry._certificates import (
     Refusal,
     parse_reason,
 )
+from warden.registry._commands import (
+    COMMAND_NAMES,
+    CommandResult,
+    CommandService,
+    CommandState,
+    CommandStore,
+    DeviceCommand,
+)
 from warden.registry._devices import DeviceService
 from warden.registry._model import (
     CertificateRecord,
@@ -19,6 +27,7 @@ from warden.registry._model import (
     DeviceGroup,
     DeviceState,
     PublishedCrl,
+    Restriction,
     check_transition,
     format_serial,
 )
@@ -30,11 +39,18 @@ from warden.registry._ports import (
     DeviceStore,
     GroupStore,
     RegistryUnitOfWork,
+    RestrictionStore,
     Transactions,
     Writer,
 )
 
 __all__ = [
+    "COMMAND_NAMES",
+    "CommandResult",
+    "CommandService",
+    "CommandState",
+    "CommandStore",
+    "DeviceCommand",
     "CAProvider",
     "CertificateRecord",
     "CertificateService",
@@ -56,6 +72,8 @@ __all__ = [
     "PublishedCrl",
     "Refusal",
     "RegistryUnitOfWork",
+    "Restriction",
+    "RestrictionStore",
     "Transactions",
     "Writer",
     "check_transition",

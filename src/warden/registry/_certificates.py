@@ -67,7 +67,7 @@ __all__ = [
 _RESPONDER_RECHECK = dt.timedelta(minutes=1)
 _ISSUABLE = frozenset({DeviceState.PENDING, DeviceState.ACTIVE})
 _DEVICE_PROFILES = frozenset({Profile.DEVICE, Profile.GATEWAY})
-_SERVICE_PROFILES = frozenset({Profile.SERVICE, Profile.HUB_CLIENT})
+_SERVICE_PROFILES = frozenset({Profile.SERVICE, Profile.HUB_CLIENT, Profile.COMMAND_SIGNER})
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,13 +283,15 @@ class CertificateService:
         profile: Profile = Profile.DEVICE,
         validity: dt.timedelta | None = None,
         renew: bool = False,
+        revoke_superseded: bool = False,
         new_device: Device | None = None,
         hooks: IssueHooks | None = None,
     ) -> IssuePlan:
         """Issuance on behalf of another context's use case (EST enrollment and re-enrollment), up to the point
         where the request goes to the writer (:meth:`complete`): ``hooks`` run in the issuing transaction,
         ``new_device`` is registered there if it does not exist, and ``validity`` overrides the profile's default
-        (it is capped by the profile's maximum in the PKI)."""
+        (it is capped by the profile's maximum in the PKI). ``revoke_superseded``: a renewal revokes the device's
+        earlier good certificates (reason superseded)."""
         if profile not in _DEVICE_PROFILES:
             raise InvalidInputError(f"profile {profile} is not for devices", hint="use 'device' or 'gateway'")
         if new_device is not None and new_device.id != device_id:
@@ -303,6 +305,7 @@ class CertificateService:
             device_id=device_id,
             action=action,
             renew=renew,
+            revoke_superseded=revoke_superseded,
             validity=validity,
             new_device=new_device,
             hooks=hooks,

@@ -1,5 +1,5 @@
-"""Device groups and devices: registration, lookup and the state machine, each change audited in its own
-transaction."""
+"""Device groups and devices: registration, lookup, the state machine and restrictions, each change audited in its
+own transaction."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from warden.core import (
     DEFAULT_LIMITS,
     Clock,
+    IllegalTransitionError,
     InvalidInputError,
     Limits,
     NotFoundError,
@@ -17,7 +18,14 @@ from warden.core import (
 )
 from warden.monitor import AuditEvent, AuditLog
 from warden.pki import RevocationReason
-from warden.registry._model import CertificateStatus, Device, DeviceGroup, DeviceState, check_transition
+from warden.registry._model import (
+    CertificateStatus,
+    Device,
+    DeviceGroup,
+    DeviceState,
+    Restriction,
+    check_transition,
+)
 from warden.registry._ports import RegistryUnitOfWork, Transactions
 
 __all__ = ["DeviceService"]
@@ -188,6 +196,98 @@ class DeviceService:
                 ),
             )
         return self.get_device(device_id)
+
+    # -- restrictions -------------------------------------------------------------------------------------------
+
+    def restrict(
+        self,
+        restrictions: Sequence[Restriction],
+        *,
+        details: Mapping[str, Mapping[str, object]] | None = None,
+    ) -> list[Restriction]:
+        """Record ``restrictions`` in one transaction, each audited as ``device.restricted`` (with its details and
+        ``details[device_id]``, e.g. the measured rate). A device restricted already keeps its restriction and is
+        left out of the result; a device that does not exist is skipped."""
+        for restriction in restrictions:
+            validate_device_id(restriction.device_id)
+            _clean_text(restriction.reason, self._limits.max_reason_chars, "a reason")
+        made: list[Restriction] = []
+        with self._tx() as uow:
+            states = uow.devices.states(r.device_id for r in restrictions)
+            events = []
+            for restriction in restrictions:
+                if restriction.device_id not in states or uow.restrictions.get(restriction.device_id) is not None:
+                    continue
+                uow.restrictions.put(restriction)
+                made.append(restriction)
+                audit_details: dict[str, object] = {
+                    "reason": restriction.reason,
+                    "until": restriction.until.isoformat() if restriction.until else None,
+                    "state": str(states[restriction.device_id]),
+                    **restriction.details,
+                    **(details or {}).get(restriction.device_id, {}),
+                }
+                target = f"device:{restriction.device_id}"
+                events.append(AuditEvent(restriction.actor, "device.restricted", target, details=audit_details))
+            if events:
+                self._audit.append(uow, *events)
+        return made
+
+    def unrestrict(self, device_id: str, *, actor: str, reason: str = "") -> Restriction:
+        """Lift the device's restriction (audited as ``device.unrestricted``); one it does not have is an
+        :class:`IllegalTransitionError`."""
+        _clean_text(reason, self._limits.max_reason_chars, "a reason")
+        with self._tx() as uow:
+            _must_get(uow, device_id)
+            current = uow.restrictions.get(device_id)
+            if current is None:
+                raise IllegalTransitionError(
+                    f"device {device_id!r} is not restricted", hint="see 'warden device show ID'", device=device_id
+                )
+            uow.restrictions.delete(device_id)
+            self._audit.append(uow, _lifted(current, actor, reason))
+        return current
+
+    def lift_expired_restrictions(self, *, actor: str) -> list[Restriction]:
+        """Lift every restriction whose cool-down has passed, in one transaction (each audited)."""
+        now = self._clock.now()
+        with self._tx() as uow:
+            expired = uow.restrictions.expired(now)
+            for restriction in expired:
+                uow.restrictions.delete(restriction.device_id)
+            if expired:
+                self._audit.append(uow, *(_lifted(r, actor, "cool-down over") for r in expired))
+        return expired
+
+    def get_restriction(self, device_id: str) -> Restriction | None:
+        with self._tx(readonly=True) as uow:
+            return uow.restrictions.get(device_id)
+
+    def list_restrictions(self) -> list[Restriction]:
+        with self._tx(readonly=True) as uow:
+            return uow.restrictions.find()
+
+    def access_view(self, device_id: str) -> tuple[DeviceState, bool]:
+        """The device's state and whether it is restricted, read together (what its broker rights follow)."""
+        with self._tx(readonly=True) as uow:
+            device = uow.devices.identity(device_id)
+            if device is None:
+                raise NotFoundError(f"no device with id {device_id!r}", hint="see 'warden device list'")
+            return device[0], uow.restrictions.get(device_id) is not None
+
+
+def _lifted(restriction: Restriction, actor: str, reason: str) -> AuditEvent:
+    return AuditEvent(
+        actor,
+        "device.unrestricted",
+        f"device:{restriction.device_id}",
+        details={
+            "reason": reason,
+            "restricted_since": restriction.since.isoformat(),
+            "restricted_by": restriction.actor,
+            "restriction_reason": restriction.reason,
+        },
+    )
 
 
 def _must_get(uow: RegistryUnitOfWork, device_id: str) -> Device:

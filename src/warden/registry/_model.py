@@ -21,6 +21,7 @@ __all__ = [
     "DeviceGroup",
     "DeviceState",
     "PublishedCrl",
+    "Restriction",
     "check_transition",
 ]
 
@@ -74,6 +75,8 @@ class Device:
     groups: tuple[str, ...] = ()
     #: SHA-256 of the onboarding identity (IDevID certificate or token binding); set once
     onboarding_fingerprint: str | None = None
+    #: the enrollment group the device last onboarded through (None: registered or enrolled individually)
+    enrollment_group: str | None = None
 
 
 class CertificateStatus(enum.StrEnum):
@@ -122,3 +125,22 @@ class PublishedCrl:
     next_update: dt.datetime
     der: bytes
     entries: int
+
+
+@dataclass(frozen=True, slots=True)
+class Restriction:
+    """A device held to restricted broker rights (health and updates only), independently of its state: its state
+    wins when that is stricter (quarantined, disabled, decommissioned). Set by the ingest for flooding; lifted by an
+    operator or, when ``until`` is set, by the hub once that time has passed."""
+
+    device_id: str
+    since: dt.datetime
+    reason: str
+    actor: str
+    #: when the hub lifts it on its own; None: only an operator does
+    until: dt.datetime | None = None
+    #: what the restriction was decided on (for flooding: the measured rate, the limit, the window)
+    details: Mapping[str, object] = field(default_factory=dict)
+
+    def expired(self, now: dt.datetime) -> bool:
+        return self.until is not None and now >= self.until

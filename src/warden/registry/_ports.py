@@ -20,6 +20,7 @@ from warden.registry._model import (
     DeviceGroup,
     DeviceState,
     PublishedCrl,
+    Restriction,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "DeviceStore",
     "GroupStore",
     "RegistryUnitOfWork",
+    "RestrictionStore",
     "Transactions",
     "Writer",
 ]
@@ -78,6 +80,10 @@ class DeviceStore(Protocol):
 
     def by_onboarding(self, fingerprint: str) -> Device | None:
         """The device bound to this onboarding identity fingerprint, if any."""
+        ...
+
+    def set_enrollment_group(self, device_id: str, group: str | None, now: dt.datetime) -> None:
+        """Record the enrollment group the device (last) onboarded through."""
         ...
 
 
@@ -130,6 +136,22 @@ class CrlStore(Protocol):
         ...
 
 
+class RestrictionStore(Protocol):
+    def put(self, restriction: Restriction) -> None:
+        """Insert the device's restriction, or replace the one it has."""
+        ...
+
+    def get(self, device_id: str) -> Restriction | None: ...
+    def delete(self, device_id: str) -> None: ...
+    def find(self) -> list[Restriction]:
+        """Every restriction, ordered by device id."""
+        ...
+
+    def expired(self, now: dt.datetime) -> list[Restriction]:
+        """The restrictions whose ``until`` is at or before ``now``."""
+        ...
+
+
 class CounterStore(Protocol):
     def next(self, name: str) -> int: ...
 
@@ -145,6 +167,8 @@ class RegistryUnitOfWork(Protocol):
     def counters(self) -> CounterStore: ...
     @property
     def crls(self) -> CrlStore: ...
+    @property
+    def restrictions(self) -> RestrictionStore: ...
     @property
     def audit(self) -> AuditStore: ...
     def after_commit(self, callback: Callable[[], None]) -> None: ...

@@ -50,7 +50,7 @@ R = TypeVar("R")
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 #: the newest migration; a test checks that it is Alembic's head
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0004"
 
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",

@@ -1,16 +1,17 @@
-"""Repositories: the storage protocols of the registry, the monitor, provisioning and the policy context, implemented
-on SQLAlchemy Core."""
+"""Repositories: the storage protocols of the registry, the monitor, provisioning, the policy context and the
+broker's ingest, implemented on SQLAlchemy Core."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import json
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, case, delete, func, insert, or_, select, update
 
+from warden.broker import DeviceActivity, IngestStats, metrics_from_json, metrics_json
 from warden.core import AlreadyExistsError, StorageError
 from warden.monitor import GENESIS_HASH, AuditRecord, Checkpoint, canonical_details
 from warden.policy import ApiToken, Role
@@ -25,10 +26,13 @@ from warden.provisioning import (
 from warden.registry import (
     CertificateRecord,
     CertificateStatus,
+    CommandState,
     Device,
+    DeviceCommand,
     DeviceGroup,
     DeviceState,
     PublishedCrl,
+    Restriction,
     format_serial,
 )
 from warden.store._tables import (
@@ -39,12 +43,16 @@ from warden.store._tables import (
     certificates,
     counters,
     crls,
+    device_activity,
+    device_commands,
     device_group_members,
     device_groups,
+    device_restrictions,
     device_tags,
     devices,
     enrollment_groups,
     enrollments,
+    ingest_stats,
     reonboarding,
     sqlite_time,
 )
@@ -139,6 +147,9 @@ class UnitOfWork:
         self.enrollments = EnrollmentRepository(connection, self.counters)
         self.reonboarding = ReonboardingRepository(connection)
         self.tokens = TokenRepository(connection)
+        self.restrictions = RestrictionRepository(connection)
+        self.ingest = IngestRepository(connection, is_sqlite=is_sqlite)
+        self.commands = CommandRepository(connection)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         self.callbacks.append(callback)
@@ -177,6 +188,7 @@ class DeviceRepository:
                 "onboarding_fingerprint": device.onboarding_fingerprint,
                 "created_at": device.created_at,
                 "updated_at": device.updated_at,
+                "enrollment_group": device.enrollment_group,
             },
         )
         if device.groups:
@@ -263,6 +275,7 @@ class DeviceRepository:
                 tags=tags[row.id],
                 groups=tuple(groups[row.id]),
                 onboarding_fingerprint=row.onboarding_fingerprint,
+                enrollment_group=row.enrollment_group,
             )
             for row in rows
         ]
@@ -279,6 +292,9 @@ class DeviceRepository:
         self._c.execute(
             update(devices).where(devices.c.id == device_id).values(onboarding_fingerprint=fingerprint, updated_at=now)
         )
+
+    def set_enrollment_group(self, device_id: str, group: str | None, now: dt.datetime) -> None:
+        self._c.execute(update(devices).where(devices.c.id == device_id).values(enrollment_group=group, updated_at=now))
 
     def identity(self, device_id: str, *, lock: bool = False) -> tuple[DeviceState, str | None] | None:
         row = self._c.execute(_DEVICE_IDENTITY_LOCKED if lock else _DEVICE_IDENTITY, {"id": device_id}).first()
@@ -701,6 +717,7 @@ class EnrollmentGroupRepository:
                 deny_list=json.dumps(sorted(group.deny)),
                 created_at=group.created_at,
                 updated_at=group.updated_at,
+                flood_limit=group.flood_limit,
             )
         )
         self._counters.next(_GROUPS_VERSION)
@@ -718,6 +735,13 @@ class EnrollmentGroupRepository:
     def set_enabled(self, name: str, enabled: bool, now: dt.datetime) -> None:
         result = self._c.execute(
             update(enrollment_groups).where(enrollment_groups.c.name == name).values(enabled=enabled, updated_at=now)
+        )
+        if result.rowcount:
+            self._counters.next(_GROUPS_VERSION)
+
+    def set_flood_limit(self, name: str, limit: int | None, now: dt.datetime) -> None:
+        result = self._c.execute(
+            update(enrollment_groups).where(enrollment_groups.c.name == name).values(flood_limit=limit, updated_at=now)
         )
         if result.rowcount:
             self._counters.next(_GROUPS_VERSION)
@@ -740,6 +764,7 @@ def _enrollment_group(row: Row[Any]) -> EnrollmentGroup:
         deny=frozenset(json.loads(row.deny_list)),
         created_at=row.created_at,
         updated_at=row.updated_at,
+        flood_limit=row.flood_limit,
     )
 
 
@@ -933,4 +958,303 @@ def _token(row: Row[Any]) -> ApiToken:
         expires_at=row.expires_at,
         created_by=row.created_by,
         revoked_at=row.revoked_at,
+    )
+
+
+class RestrictionRepository:
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+
+    def put(self, restriction: Restriction) -> None:
+        values = {
+            "since": restriction.since,
+            "until": restriction.until,
+            "reason": restriction.reason,
+            "actor": restriction.actor,
+            "details": json.dumps(dict(restriction.details), sort_keys=True),
+        }
+        # Update, else insert (as ReonboardingRepository.put).
+        result = self._c.execute(
+            update(device_restrictions).where(device_restrictions.c.device_id == restriction.device_id).values(values)
+        )
+        if not result.rowcount:
+            self._c.execute(insert(device_restrictions).values(device_id=restriction.device_id, **values))
+
+    def get(self, device_id: str) -> Restriction | None:
+        row = self._c.execute(select(device_restrictions).where(device_restrictions.c.device_id == device_id)).first()
+        return _restriction(row) if row is not None else None
+
+    def delete(self, device_id: str) -> None:
+        self._c.execute(delete(device_restrictions).where(device_restrictions.c.device_id == device_id))
+
+    def find(self) -> list[Restriction]:
+        query = select(device_restrictions).order_by(device_restrictions.c.device_id)
+        return [_restriction(r) for r in self._c.execute(query)]
+
+    def expired(self, now: dt.datetime) -> list[Restriction]:
+        query = (
+            select(device_restrictions)
+            .where(device_restrictions.c.until.is_not(None), device_restrictions.c.until <= now)
+            .order_by(device_restrictions.c.device_id)
+        )
+        return [_restriction(r) for r in self._c.execute(query)]
+
+
+def _restriction(row: Row[Any]) -> Restriction:
+    return Restriction(
+        device_id=row.device_id,
+        since=row.since,
+        until=row.until,
+        reason=row.reason,
+        actor=row.actor,
+        details=json.loads(row.details),
+    )
+
+
+# The ingest's statements, built once (the recorder runs them every flush).
+_DEVICE_LIMITS = (
+    select(devices.c.id, enrollment_groups.c.flood_limit)
+    .select_from(devices.outerjoin(enrollment_groups, enrollment_groups.c.name == devices.c.enrollment_group))
+    .where(devices.c.id.in_(bindparam("ids", expanding=True)))
+)
+_ACTIVITY = select(device_activity).where(device_activity.c.device_id.in_(bindparam("ids", expanding=True)))
+# Written with the driver's executemany: the recorder writes every active device's row every second, and
+# SQLAlchemy's per-value parameter processing cost more than the writing (times are converted here instead).
+_ACTIVITY_COLUMNS = [c.name for c in device_activity.columns if c.name != "device_id"]
+
+
+def _activity_sql(mark: str) -> tuple[str, str]:
+    # Built from the table's own column names and the driver's parameter mark: nothing of any input.
+    columns = ", ".join(["device_id", *_ACTIVITY_COLUMNS])
+    marks = ", ".join([mark] * (len(_ACTIVITY_COLUMNS) + 1))
+    sets = ", ".join(f"{name} = {mark}" for name in _ACTIVITY_COLUMNS)
+    return (
+        f"INSERT INTO device_activity ({columns}) VALUES ({marks})",  # noqa: S608
+        f"UPDATE device_activity SET {sets} WHERE device_id = {mark}",  # noqa: S608
+    )
+
+
+_ACTIVITY_SQL = {True: _activity_sql("?"), False: _activity_sql("%s")}  # sqlite3's and psycopg's parameter styles
+_STAT_SUMS = ("processed", "accepted", "malformed", "duplicates", "unknown", "invalid_topic", "overflow", "restricted")
+_ADD_STATS = (
+    update(ingest_stats)
+    .where(ingest_stats.c.id == 1)
+    .values(
+        {name: ingest_stats.c[name] + bindparam(f"add_{name}") for name in (*_STAT_SUMS, "flushes")}
+        | {
+            "largest_batch": case(
+                (ingest_stats.c.largest_batch < bindparam("batch"), bindparam("batch")),
+                else_=ingest_stats.c.largest_batch,
+            ),
+            "last_batch": bindparam("batch"),
+            "last_flush_at": bindparam("at"),
+        }
+    )
+)
+_CHUNK = 500
+
+
+class IngestRepository:
+    """The broker's ingest store (``warden.broker.IngestStore``): device activity and the ingest's totals."""
+
+    def __init__(self, connection: Connection, *, is_sqlite: bool) -> None:
+        self._c = connection
+        self._is_sqlite = is_sqlite
+
+    def device_limits(self, device_ids: Collection[str]) -> dict[str, float | None]:
+        ids = list(device_ids)
+        found: dict[str, float | None] = {}
+        for start in range(0, len(ids), _CHUNK):
+            for row in self._c.execute(_DEVICE_LIMITS, {"ids": ids[start : start + _CHUNK]}):
+                found[row.id] = float(row.flood_limit) if row.flood_limit is not None else None
+        return found
+
+    def activity(self, device_ids: Collection[str]) -> dict[str, DeviceActivity]:
+        ids = list(device_ids)
+        found: dict[str, DeviceActivity] = {}
+        for start in range(0, len(ids), _CHUNK):
+            for row in self._c.execute(_ACTIVITY, {"ids": ids[start : start + _CHUNK]}):
+                found[row.device_id] = _activity(row)
+        return found
+
+    def save_activity(self, inserted: Sequence[DeviceActivity], updated: Sequence[DeviceActivity]) -> None:
+        insert_sql, update_sql = _ACTIVITY_SQL[self._is_sqlite]
+        convert = sqlite_time if self._is_sqlite else _naive_utc
+        converted: dict[dt.datetime, object] = {}  # most rows of a batch share their times (the batch's own)
+
+        def time(value: dt.datetime) -> object:
+            found = converted.get(value)
+            if found is None:
+                found = converted[value] = convert(value)
+            return found
+
+        if inserted:
+            rows = [(a.device_id, *_activity_row(a, time)) for a in inserted]
+            self._c.exec_driver_sql(insert_sql, rows)
+        if updated:
+            rows = [(*_activity_row(a, time), a.device_id) for a in updated]
+            self._c.exec_driver_sql(update_sql, rows)
+
+    def add_stats(self, delta: IngestStats) -> None:
+        values: dict[str, object] = {f"add_{name}": getattr(delta, name) for name in _STAT_SUMS}
+        values.update(add_flushes=delta.flushes, batch=delta.last_batch, at=delta.last_flush_at)
+        result = self._c.execute(_ADD_STATS, values)
+        if not result.rowcount:
+            raise StorageError("the ingest totals row is missing", hint="the database was not migrated by Warden")
+
+    def stats(self) -> IngestStats:
+        row = self._c.execute(select(ingest_stats).where(ingest_stats.c.id == 1)).first()
+        if row is None:
+            raise StorageError("the ingest totals row is missing", hint="the database was not migrated by Warden")
+        return IngestStats(
+            **{name: int(row._mapping[name]) for name in (*_STAT_SUMS, "flushes", "largest_batch", "last_batch")},
+            last_flush_at=row.last_flush_at,
+        )
+
+    def sequence_heads(self, limit: int) -> dict[str, tuple[int, dt.datetime | None]]:
+        query = (
+            select(device_activity.c.device_id, device_activity.c.seq, device_activity.c.seq_time)
+            .where(device_activity.c.seq.is_not(None))
+            .order_by(device_activity.c.last_seen.desc())
+            .limit(limit)
+        )
+        return {row.device_id: (int(row.seq), row.seq_time) for row in self._c.execute(query)}
+
+
+def _naive_utc(value: dt.datetime) -> dt.datetime:
+    """An aware datetime as ``UTCDateTime`` stores it on PostgreSQL (naive UTC), for statements sent to the driver."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetimes are not stored: pass an aware UTC datetime")
+    return value.astimezone(dt.UTC).replace(tzinfo=None)
+
+
+def _activity_row(activity: DeviceActivity, time: Callable[[dt.datetime], object]) -> tuple[object, ...]:
+    """The row's values in ``_ACTIVITY_COLUMNS`` order (times converted by ``time``)."""
+    values: dict[str, object] = {
+        "first_seen": activity.first_seen,
+        "last_seen": activity.last_seen,
+        "telemetry": activity.telemetry,
+        "health": activity.health,
+        "events": activity.events,
+        "duplicates": activity.duplicates,
+        "malformed": activity.malformed,
+        "last_malformed_reason": activity.last_malformed_reason,
+        "last_malformed_at": activity.last_malformed_at,
+        "seq": activity.seq,
+        "seq_time": activity.seq_time,
+        "metrics": metrics_json(activity.metrics),
+        "health_status": activity.health_status,
+        "health_checks": json.dumps(dict(activity.health_checks), sort_keys=True)
+        if activity.health_status is not None
+        else None,
+        "health_at": activity.health_at,
+        "last_event_type": activity.last_event_type,
+        "last_event_at": activity.last_event_at,
+    }
+    return tuple(time(v) if isinstance(v := values[name], dt.datetime) else v for name in _ACTIVITY_COLUMNS)
+
+
+def _activity(row: Row[Any]) -> DeviceActivity:
+    return DeviceActivity(
+        device_id=row.device_id,
+        first_seen=row.first_seen,
+        last_seen=row.last_seen,
+        telemetry=int(row.telemetry),
+        health=int(row.health),
+        events=int(row.events),
+        duplicates=int(row.duplicates),
+        malformed=int(row.malformed),
+        last_malformed_reason=row.last_malformed_reason,
+        last_malformed_at=row.last_malformed_at,
+        seq=int(row.seq) if row.seq is not None else None,
+        seq_time=row.seq_time,
+        metrics=metrics_from_json(row.metrics),
+        health_status=row.health_status,
+        health_checks=json.loads(row.health_checks) if row.health_checks else {},
+        health_at=row.health_at,
+        last_event_type=row.last_event_type,
+        last_event_at=row.last_event_at,
+    )
+
+
+class CommandRepository:
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+
+    def insert(self, command: DeviceCommand) -> None:
+        self._c.execute(
+            insert(device_commands).values(
+                id=command.id,
+                device_id=command.device_id,
+                counter=command.counter,
+                name=command.name,
+                args=json.dumps(dict(command.args), sort_keys=True),
+                actor=command.actor,
+                state=str(command.state),
+                created_at=command.created_at,
+                sent_at=command.sent_at,
+                result=command.result,
+                result_at=command.result_at,
+            )
+        )
+
+    def last_counter(self, device_id: str) -> int:
+        query = select(func.max(device_commands.c.counter)).where(device_commands.c.device_id == device_id)
+        return int(self._c.execute(query).scalar() or 0)
+
+    def get(self, command_id: str) -> DeviceCommand | None:
+        row = self._c.execute(select(device_commands).where(device_commands.c.id == command_id)).first()
+        return _command(row) if row is not None else None
+
+    def find(self, device_id: str, *, limit: int) -> list[DeviceCommand]:
+        query = (
+            select(device_commands)
+            .where(device_commands.c.device_id == device_id)
+            .order_by(device_commands.c.counter.desc())
+            .limit(limit)
+        )
+        return [_command(r) for r in self._c.execute(query)]
+
+    def pending(self, *, limit: int) -> list[DeviceCommand]:
+        query = (
+            select(device_commands)
+            .where(device_commands.c.state == str(CommandState.PENDING))
+            # counter order within a device: the agent refuses a counter below one it accepted
+            .order_by(device_commands.c.device_id, device_commands.c.counter)
+            .limit(limit)
+        )
+        return [_command(r) for r in self._c.execute(query)]
+
+    def mark_sent(self, command_ids: Iterable[str], at: dt.datetime) -> None:
+        ids = list(command_ids)
+        if ids:
+            self._c.execute(
+                update(device_commands)
+                .where(device_commands.c.id.in_(ids), device_commands.c.state == str(CommandState.PENDING))
+                .values(state=str(CommandState.SENT), sent_at=at)
+            )
+
+    def close(self, command_id: str, state: CommandState, result: str, at: dt.datetime) -> bool:
+        open_states = (str(CommandState.PENDING), str(CommandState.SENT))
+        done = self._c.execute(
+            update(device_commands)
+            .where(device_commands.c.id == command_id, device_commands.c.state.in_(open_states))
+            .values(state=str(state), result=result, result_at=at)
+        )
+        return bool(done.rowcount)
+
+
+def _command(row: Row[Any]) -> DeviceCommand:
+    return DeviceCommand(
+        id=row.id,
+        device_id=row.device_id,
+        counter=int(row.counter),
+        name=row.name,
+        actor=row.actor,
+        created_at=row.created_at,
+        state=CommandState(row.state),
+        args=json.loads(row.args),
+        sent_at=row.sent_at,
+        result=row.result,
+        result_at=row.result_at,
     )

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.types import TypeDecorator
@@ -32,12 +33,16 @@ __all__ = [
     "certificates",
     "counters",
     "crls",
+    "device_activity",
+    "device_commands",
     "device_group_members",
     "device_groups",
+    "device_restrictions",
     "device_tags",
     "devices",
     "enrollment_groups",
     "enrollments",
+    "ingest_stats",
     "metadata",
     "reonboarding",
     "sqlite_time",
@@ -99,6 +104,9 @@ devices = Table(
     Column("onboarding_fingerprint", String(64), nullable=True, unique=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
+    # The enrollment group the device last onboarded through (revision 0003); a name, not a foreign key: groups
+    # are never deleted, and SQLite cannot add a column with a foreign key in place.
+    Column("enrollment_group", String(64), nullable=True),
 )
 
 device_group_members = Table(
@@ -199,6 +207,8 @@ enrollment_groups = Table(
     Column("deny_list", Text, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
+    # Messages per second above which a device of the group is restricted for flooding (revision 0003).
+    Column("flood_limit", Integer, nullable=True),
 )
 
 enrollments = Table(
@@ -263,4 +273,85 @@ crls = Table(
     Column("next_update", UTCDateTime(), nullable=False),
     Column("der", LargeBinary, nullable=False),
     Column("entries", Integer, nullable=False),
+)
+
+# -- ingest and restrictions (revision 0003) ---------------------------------------------------------------------
+
+# What the hub knows of each device's traffic: written by the ingest's recorder, one transaction per batch.
+device_activity = Table(
+    "device_activity",
+    metadata,
+    Column("device_id", String(63), ForeignKey("devices.id"), primary_key=True),
+    Column("first_seen", UTCDateTime(), nullable=False),
+    Column("last_seen", UTCDateTime(), nullable=False, index=True),
+    Column("telemetry", BigInteger, nullable=False),
+    Column("health", BigInteger, nullable=False),
+    Column("events", BigInteger, nullable=False),
+    Column("duplicates", BigInteger, nullable=False),
+    Column("malformed", BigInteger, nullable=False),
+    Column("last_malformed_reason", String(256), nullable=True),
+    Column("last_malformed_at", UTCDateTime(), nullable=True),
+    Column("seq", BigInteger, nullable=True),
+    Column("seq_time", UTCDateTime(), nullable=True),
+    # JSON {name: [count, last, min, max]}, at most IngestConfig.max_metrics names
+    Column("metrics", Text, nullable=False),
+    Column("health_status", String(16), nullable=True),
+    # JSON {check: result}, bounded by the health message's schema
+    Column("health_checks", Text, nullable=True),
+    Column("health_at", UTCDateTime(), nullable=True),
+    Column("last_event_type", String(64), nullable=True),
+    Column("last_event_at", UTCDateTime(), nullable=True),
+)
+
+# One row (id = 1): the ingest's totals since the database was created.
+ingest_stats = Table(
+    "ingest_stats",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("processed", BigInteger, nullable=False),
+    Column("accepted", BigInteger, nullable=False),
+    Column("malformed", BigInteger, nullable=False),
+    Column("duplicates", BigInteger, nullable=False),
+    Column("unknown", BigInteger, nullable=False),
+    Column("invalid_topic", BigInteger, nullable=False),
+    Column("overflow", BigInteger, nullable=False),
+    Column("restricted", BigInteger, nullable=False),
+    Column("flushes", BigInteger, nullable=False),
+    Column("largest_batch", BigInteger, nullable=False),
+    Column("last_batch", BigInteger, nullable=False),
+    Column("last_flush_at", UTCDateTime(), nullable=True),
+)
+
+# Devices held to restricted broker rights (health and updates only) until an operator, or the cool-down, lifts it.
+device_restrictions = Table(
+    "device_restrictions",
+    metadata,
+    Column("device_id", String(63), ForeignKey("devices.id"), primary_key=True),
+    Column("since", UTCDateTime(), nullable=False),
+    Column("until", UTCDateTime(), nullable=True, index=True),
+    Column("reason", String(512), nullable=False),
+    Column("actor", String(128), nullable=False),
+    # JSON: what the restriction was decided on (for flooding: rate, limit, window)
+    Column("details", Text, nullable=False),
+)
+
+# -- cloud-to-device commands (revision 0004) ----------------------------------------------------------------------
+
+# The outbox of signed commands: one row per command, its counter unique per device.
+device_commands = Table(
+    "device_commands",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("device_id", String(63), ForeignKey("devices.id"), nullable=False),
+    Column("counter", BigInteger, nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("args", Text, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("sent_at", UTCDateTime(), nullable=True),
+    Column("result", String(256), nullable=True),
+    Column("result_at", UTCDateTime(), nullable=True),
+    UniqueConstraint("device_id", "counter", name="uq_device_commands_device_id_counter"),
+    Index("ix_device_commands_state", "state"),
 )

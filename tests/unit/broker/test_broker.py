@@ -633,7 +633,9 @@ def test_render_config_writes_the_listener_and_security_settings() -> None:
         f"plugin_opt_config_file {BASE}/dynsec.json",
         f"persistence_location {BASE}/data/",
         f"max_packet_size {256 * 1024}",
-        "max_queued_messages 1000",
+        "max_queued_messages 20000",
+        f"max_queued_bytes {64 * 1024 * 1024}",
+        f"max_inflight_bytes {16 * 1024 * 1024}",
         f"listener 0 {SOCKET}",
     ]:
         assert expected in lines, expected
@@ -744,6 +746,13 @@ def test_render_config_refuses_an_admin_socket_path_longer_than_107_bytes(socket
     assert len(socket_path.encode()) > 107
     with pytest.raises(InvalidInputError, match="107 bytes"):
         render_config(dataclasses.replace(CONFIG, admin_socket=Path(socket_path)))
+
+
+@pytest.mark.parametrize("field", ["max_queued_bytes", "max_inflight_bytes"])
+@pytest.mark.parametrize("size", [0, -1, 1023, 16 * 1024**3 + 1])
+def test_render_config_refuses_byte_limits_out_of_range(field: str, size: int) -> None:
+    with pytest.raises(InvalidInputError, match=field):
+        render_config(dataclasses.replace(CONFIG, **{field: size}))
 
 
 @pytest.mark.parametrize("size", [0, -1, 1023, 256 * 1024 * 1024 + 1])

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from tests.conftest import make_csr
-from warden.core import InvalidInputError
+from warden.core import COMMAND_SIGNING_EKU_OID, InvalidInputError
 from warden.pki import (
     BACKDATE,
     CertificateAuthority,
@@ -51,6 +51,8 @@ EKU = {
     Profile.SERVICE: ExtendedKeyUsageOID.SERVER_AUTH,
     Profile.HUB_CLIENT: ExtendedKeyUsageOID.CLIENT_AUTH,
     Profile.OCSP_SIGNER: ExtendedKeyUsageOID.OCSP_SIGNING,
+    # Warden's own command-signing usage: agents accept a command's signer only with it (warden.broker._commands)
+    Profile.COMMAND_SIGNER: x509.ObjectIdentifier(COMMAND_SIGNING_EKU_OID),
 }
 
 

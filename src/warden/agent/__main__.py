@@ -1,0 +1,5 @@
+import sys
+
+from warden.agent._cli import main
+
+sys.exit(main())
