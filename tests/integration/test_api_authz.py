@@ -28,6 +28,7 @@ from tests.hubserver import ManufacturerCA, csr_der
 from warden.api import ACTION_KEY, PUBLIC, create_app
 from warden.hub import Hub
 from warden.policy import ROLE_ACTIONS, Action, Role
+from warden.registry import Restriction
 
 BASE = "https://hub.test"
 PROBLEM = "application/problem+json"
@@ -123,6 +124,9 @@ def world(hub_factory: Callable[..., Hub], tmp_path: Path) -> Iterator[World]:
     # A device that onboarded (so it can be re-armed), and its operational certificate (for simplereenroll).
     _, onboard_token = hub.provisioning.add_token_enrollment("dev-3", actor="test")
     onboarded = hub.provisioning.enroll_with_token(str(onboard_token), make_csr(common_name="dev-3"), source="test")
+    command = hub.commands.send("dev-3", "ping", actor="test")
+    # Restricted (as the ingest does for flooding), so that an operator's unrestrict succeeds once.
+    hub.devices.restrict([Restriction("dev-3", dt.datetime.now(dt.UTC), "flooding (test)", "test")])
     # An enrollment token for simpleenroll with a device credential.
     _, enroll_token = hub.provisioning.add_token_enrollment("dev-4", actor="test")
 
@@ -131,6 +135,7 @@ def world(hub_factory: Callable[..., Hub], tmp_path: Path) -> Iterator[World]:
         "serial": issued.record.serial_hex,
         "name": "maker",
         "enrollment_id": enrollment.id,
+        "command_id": command.id,
         "token_id": victim.id,
         "encoded": "MAMCAQA=",  # base64 of a DER SEQUENCE that is no OCSP request: answered malformedRequest
     }
@@ -175,6 +180,9 @@ def request_for(world: World, method: str, template: str) -> dict[str, Any]:
         ("POST", "/api/v1/devices"): lambda: {"json": {"id": f"new-{n}"}},
         ("POST", "/api/v1/devices/{device_id}/state"): lambda: {"json": {"state": "quarantined", "reason": "matrix"}},
         ("POST", "/api/v1/devices/{device_id}/rearm"): lambda: {"json": {"reason": "matrix"}},
+        ("POST", "/api/v1/devices/{device_id}/commands"): lambda: {"json": {"name": "ping"}},
+        ("POST", "/api/v1/devices/{device_id}/unrestrict"): lambda: {"json": {"reason": "matrix"}},
+        ("POST", "/api/v1/enrollment-groups/{name}/flood-limit"): lambda: {"json": {"flood_limit": 100 + n}},
         ("POST", "/api/v1/certificates/{serial}/revoke"): lambda: {"json": {"reason": "superseded"}},
         ("POST", "/api/v1/enrollment-groups"): lambda: {
             "json": {
