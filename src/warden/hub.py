@@ -1138,7 +1138,7 @@ class CommandDispatcher(threading.Thread):
         self._hub = hub
         self._link = link
         self._interval = interval
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not _stop: threading.Thread has a method of that name
         self._failures = 0
 
     def _publish(self, topic: str, payload: bytes) -> bool:
@@ -1150,7 +1150,7 @@ class CommandDispatcher(threading.Thread):
 
     def run(self) -> None:
         send = self._hub.command_publisher(self._publish)
-        while not self._stop.wait(self._interval):
+        while not self._halt.wait(self._interval):
             if not self._link.connected:
                 continue
             try:
@@ -1162,5 +1162,5 @@ class CommandDispatcher(threading.Thread):
                     log.exception("dispatching commands failed (%d in a row)", self._failures)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(10)

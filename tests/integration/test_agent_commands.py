@@ -63,6 +63,9 @@ def test_commands_are_signed_verified_executed_and_answered(hub: HubServer, tmp_
     assert list(usages) == [COMMAND_SIGNING_EKU]
     audit = hub.warden("audit", "list", "--json").stdout
     assert audit.count('"device.command"') == 2
+    # SIGTERM: the dispatcher, the ingest and the broker stop in order, and serve exits cleanly.
+    hub.stop()
+    assert hub.process.returncode == 0, hub.log()[-2000:]
 
 
 def test_a_command_for_an_offline_device_arrives_when_it_reconnects(hub: HubServer, tmp_path: Path) -> None:

@@ -57,12 +57,27 @@ def puback(hub: HubServer, device: Device, topic: str, message: str) -> int | No
     return mosquitto_pub(hub.broker_port, hub.data_dir / "broker" / "ca.pem", cert, key, topic, message)
 
 
+_viewer_tokens: dict[tuple[Path, int], str] = {}
+
+
+def api_get(hub: HubServer, path: str) -> dict[str, Any]:
+    """A GET of the operator API with a viewer token (made once per hub): polling through the CLI would start a
+    Python process per poll."""
+    key = (hub.data_dir, hub.port)
+    if key not in _viewer_tokens:
+        _viewer_tokens[key] = hub.token("viewer")
+    with hub.client(headers={"Authorization": f"Bearer {_viewer_tokens[key]}"}) as api:
+        answer = api.get(path)
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
 def shown(hub: HubServer, device_id: str) -> dict[str, Any]:
-    return dict(json.loads(hub.warden("device", "show", device_id, "--json").stdout))
+    return api_get(hub, f"/api/v1/devices/{device_id}")
 
 
 def ingest_status(hub: HubServer) -> dict[str, Any]:
-    return dict(json.loads(hub.warden("ingest", "status", "--json").stdout))
+    return api_get(hub, "/api/v1/ingest")
 
 
 def activity_when(hub: HubServer, device_id: str, ready: Any, what: str) -> dict[str, Any]:
@@ -101,23 +116,20 @@ def test_what_a_device_publishes_shows_in_device_show_and_the_api(hub: HubServer
     assert activity["health"]["checks"] == {"disk": "ok"}
     assert activity["last_event"]["type"] == "agent.started"
     assert (activity["seq"], activity["duplicates"], activity["malformed"]) == (5, 0, 0)
-    device_json = shown(hub, "dev-a")
-    assert device_json["last_seen"] == activity["last_seen"]
+    assert shown(hub, "dev-a")["last_seen"] == activity["last_seen"]
+    assert shown(hub, "dev-a")["restriction"] is None
+
+    cli = json.loads(hub.warden("device", "show", "dev-a", "--json").stdout)
+    assert cli["last_seen"] is not None
+    assert cli["activity"]["telemetry"] == activity["telemetry"]
+    assert cli["activity"]["messages"] == activity["messages"]
+    assert cli["restriction"] is None
 
     text = hub.warden("device", "show", "dev-a").stdout
     assert "last seen: 20" in text
     assert "messages: telemetry 3, health 1, events 1" in text
     assert "telemetry temperature: last 22.5, min 18, max 22.5 (3 readings)" in text
     assert "health: degraded (disk=ok)" in text
-
-    with hub.client(headers={"Authorization": f"Bearer {hub.token('viewer')}"}) as api:
-        answer = api.get("/api/v1/devices/dev-a")
-    assert answer.status_code == 200, answer.text
-    body = answer.json()
-    assert body["last_seen"] is not None
-    assert body["activity"]["telemetry"]["temperature"]["max"] == 22.5
-    assert body["activity"]["messages"]["events"] == 1
-    assert body["restriction"] is None
 
 
 def test_a_thousand_messages_are_written_in_a_few_batches(hub: HubServer, tmp_path: Path) -> None:
@@ -156,6 +168,7 @@ def test_a_thousand_messages_are_written_in_a_few_batches(hub: HubServer, tmp_pa
         assert activity["telemetry"]["t"] == {"count": 250, "last": 250.0, "min": 1.0, "max": 250.0}
     text = hub.warden("ingest", "status").stdout
     assert f"accepted {after['accepted']}" in text
+    assert json.loads(hub.warden("ingest", "status", "--json").stdout)["flushes"] == after["flushes"]
 
 
 def test_malformed_messages_are_counted_and_the_hub_keeps_ingesting(hub: HubServer, tmp_path: Path) -> None:
@@ -292,3 +305,20 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         return ""
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_with_several_workers_one_process_holds_the_link(tmp_path: Path, postgres_url: str) -> None:
+    """Workers never connect with the hub-client certificate (each would take the session of the one before): the
+    broker sees exactly one connection of the hub's, for the whole run, and what devices publish is ingested."""
+    hub = start_hub(tmp_path, database_url=postgres_url, workers=2, broker=True)
+    try:
+        device = enroll_with_token(hub, "dev-w", tmp_path)
+        publish(hub, device, "warden/dev-w/telemetry", [telemetry(seq) for seq in range(1, 21)])
+        activity_when(hub, "dev-w", lambda a: a["messages"]["telemetry"] == 20, "the messages to be ingested")
+        log = (hub.data_dir / "broker" / "mosquitto.log").read_text()
+        assert log.count("as hub.fleet.acme.test") == 1, log
+        assert "already connected, closing old connection" not in log
+    finally:
+        hub.stop()

@@ -23,6 +23,9 @@ Invariants:
   ``max_devices`` devices (the least recently active are forgotten first).
 - A batch is recorded in one transaction, whatever the number of messages it aggregates; a batch that could not be
   recorded is merged into the next one.
+- The recorder is the only writer of device activity: it keeps the rows it wrote (at most ``max_cached``, updated
+  only once their transaction committed) instead of reading them back, and trusts the registry's answer about a
+  device (known, and its flood limit) for ``limits_ttl`` seconds.
 """
 
 from __future__ import annotations
@@ -96,9 +99,19 @@ class IngestConfig:
     limits_ttl: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_payload_bytes", "max_metrics", "max_batch_devices", "max_devices", "sequence_window"):
+        for name in (
+            "max_payload_bytes",
+            "max_metrics",
+            "max_batch_devices",
+            "max_devices",
+            "sequence_window",
+            "max_routes",
+            "max_cached",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"IngestConfig.{name} must be positive")
+        if self.limits_ttl < 0:
+            raise ValueError("IngestConfig.limits_ttl must not be negative")
 
 
 # -- one batch ----------------------------------------------------------------------------------------------------
