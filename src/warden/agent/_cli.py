@@ -190,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "status":
             status = status_of(config.state_dir)
-            print(json.dumps(status, indent=2) if args.json else render_status(status))
+            if args.json:
+                print(json.dumps(status, indent=2))
+                return 0
+            try:
+                print(render_status(status))
+            except (KeyError, TypeError, ValueError):
+                print("the status file is damaged; the agent rewrites it every two seconds while it runs")
+                return 1
             return 0
         logging.basicConfig(
             level=getattr(logging, getattr(args, "log_level", "info").upper()),

@@ -168,6 +168,8 @@ class CommandVerifier:
             raise CommandRejectedError("the command's signer is not a command-signing certificate") from None
         if COMMAND_SIGNING_EKU not in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages:
             raise CommandRejectedError("the command's signer is not a command-signing certificate")
+        if _is_ca(signer):
+            raise CommandRejectedError("the command's signer is a CA certificate, not a command-signing one")
         if not self._chains(signer, now):
             raise CommandRejectedError("the command's signer does not chain to the pinned hub root")
 

@@ -358,7 +358,10 @@ def test_a_self_signed_signer_is_refused(pki: Pki) -> None:
         eku=[COMMAND_SIGNING_EKU],
     )
     verifier = pki.verifier(intermediates=[pki.issuing.certificate, cert])
-    assert rejected(verifier, sign_command(key, cert, command()), now=pki.now) == NO_CHAIN
+    # A CA certificate never signs commands, whatever it chains to.
+    assert rejected(verifier, sign_command(key, cert, command()), now=pki.now) == (
+        "the command's signer is a CA certificate, not a command-signing one"
+    )
 
 
 @pytest.mark.parametrize("basic_constraints", [False, None], ids=["ca false", "no basic constraints"])
