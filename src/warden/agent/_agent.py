@@ -145,6 +145,7 @@ class Agent:
         self._lock = threading.RLock()
         self._stopped = False
         self._running = False
+        self._next_session_try = 0.0
         self._seq_lock = threading.Lock()
 
     # -- identity ---------------------------------------------------------------------------------------------
@@ -407,7 +408,8 @@ class Agent:
         it never ends the agent."""
         if self._identity is not None and now >= self.renewal.next_attempt:
             self._try_renew(now)
-        if self._running and self._session is None and self._identity is not None:
+        if self._running and self._session is None and self._identity is not None and now >= self._next_session_try:
+            self._next_session_try = now + 5.0
             self._step("starting the session", self.start_session)
         if self._session is not None:
             if now >= self._next_telemetry:
