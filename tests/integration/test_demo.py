@@ -28,6 +28,7 @@ def test_demo_runs_unattended_and_contains_the_impostor(tmp_path: Path) -> None:
     out = result.stdout
     assert "5 devices onboarded with their IDevIDs over EST and connected over mutual TLS" in out
     assert "refused by the broker (least privilege, reason code 135)" in out
+    assert "the hub's ingest restricted" in out
     quarantine = re.search(r"the impostor was cut off (\d+) ms after the command", out)
     revocation = re.search(r"session dropped (\d+) ms after the command; a new TLS handshake with it is refused", out)
     assert quarantine is not None and revocation is not None, out

@@ -69,6 +69,7 @@ class Event(_Message):
 
 
 _MODELS: dict[str, type[_Message]] = {"telemetry": Telemetry, "health": Health, "events": Event}
+_KINDS = (Telemetry, Health, Event)
 
 
 def decode_message(kind: str, payload: bytes) -> Telemetry | Health | Event:
@@ -84,7 +85,7 @@ def decode_message(kind: str, payload: bytes) -> Telemetry | Health | Event:
         first = e.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ())) or "message"
         raise InvalidInputError(f"malformed {kind} message: {where}: {first.get('msg', 'invalid')}") from None
-    assert isinstance(message, Telemetry | Health | Event)
+    assert isinstance(message, _KINDS)
     return message
 
 

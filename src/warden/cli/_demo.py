@@ -347,6 +347,9 @@ def _incident(
             if sent % 200 == 0:
                 time.sleep(0.01)
         view.note(f"impostor flooded {sent} messages in 3 s on {victim.device_id}'s telemetry topic")
+        restriction = _restriction(operator, victim.device_id, within=5.0)
+        if restriction is not None:
+            view.note(f"the hub's ingest restricted {victim.device_id} to health and updates: {restriction}")
         tick(2)
         # Containment, step 1: quarantine (the security team's call, through the operator API).
         _wait("the impostor is connected", impostor.connected.is_set, 20)
@@ -386,6 +389,20 @@ def _incident(
         with contextlib.suppress(Exception):
             impostor.close()
         shutil.rmtree(copied, ignore_errors=True)
+
+
+def _restriction(api: _Api, device_id: str, *, within: float) -> str | None:
+    """The hub's flood restriction of ``device_id`` once the ingest has applied it (None if none within the time)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        status, device = api.call("GET", f"/api/v1/devices/{device_id}")
+        restriction = device.get("restriction") if status == 200 and isinstance(device, dict) else None
+        if isinstance(restriction, dict):
+            details = restriction.get("details") or {}
+            shown = ", ".join(f"{k} {v}" for k, v in list(details.items())[:4]) if isinstance(details, dict) else ""
+            return str(restriction.get("reason", "restricted")) + (f" ({shown})" if shown else "")
+        time.sleep(0.2)
+    return None
 
 
 def _reconnect_refused(chain: Path, key: Path, root: Path, port: int) -> str:
