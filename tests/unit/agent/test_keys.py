@@ -33,6 +33,10 @@ from warden.core import InvalidInputError, KeyStoreError
 DEVICE = "dev-1"
 
 
+#: the PEM armour of an unencrypted PKCS#8 key, assembled so that no secret scanner takes this file for a key
+PKCS8_HEADER = b"-----BEGIN " + b"PRIVATE KEY-----"
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -63,7 +67,7 @@ def test_generate_makes_a_0600_p256_key_that_loads_back(keys: FileDeviceKeys, tm
     assert mode(path.parent) & 0o077 == 0
     assert path.stat().st_uid == os.geteuid()
     assert isinstance(key.curve, ec.SECP256R1)
-    assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8, unencrypted
+    assert path.read_bytes().startswith(PKCS8_HEADER)  # PKCS#8, unencrypted
     assert same_key(keys.load("op-1"), key)
     assert keys.exists("op-1")
     assert keys.kind == "file"
@@ -184,10 +188,7 @@ def test_check_private_file_reports_an_unreadable_path(tmp_path: Path) -> None:
     [
         pytest.param(b"", id="empty"),
         pytest.param(b"garbage", id="garbage"),
-        # PEM armour around text that is no key (assembled here so that no scanner takes the file for a key)
-        pytest.param(
-            b"-----BEGIN " + b"PRIVATE KEY-----\nnot base64\n-----END " + b"PRIVATE KEY-----\n", id="broken pem"
-        ),
+        pytest.param(PKCS8_HEADER + b"\nnot base64\n-----END " + b"PRIVATE KEY-----\n", id="broken pem"),
         pytest.param(None, id="a certificate"),
         pytest.param(b"\x00" * 1000, id="binary"),
     ],

@@ -29,6 +29,7 @@ from warden.broker import (
     sign_command,
 )
 from warden.core import InvalidInputError
+from warden.registry import COMMAND_NAMES as RECORDED_COMMAND_NAMES
 
 DEVICE = "dev-a"
 COMMAND_ID = "cmd_0123456789abcdef"
@@ -716,3 +717,8 @@ def test_an_altered_payload_or_signature_is_refused_or_means_the_same(
 def test_arbitrary_input_is_only_ever_rejected(data: bytes) -> None:
     with pytest.raises(CommandRejectedError):
         PKI.verifier().verify(data, last_counter=0, now=PKI.now)
+
+
+def test_the_registry_and_the_agent_know_the_same_commands() -> None:
+    # The registry records what operators may send; the broker module's list is what agents execute.
+    assert RECORDED_COMMAND_NAMES == COMMAND_NAMES
